@@ -1,0 +1,251 @@
+"""Typed experiment configuration and validation of value ranges.
+
+Every entry point (Hydra runner, ``flwr run``, the process launcher, tests) turns
+its own configuration source into one :class:`ExperimentConfig` through
+:func:`ExperimentConfig.from_dict`, so a mistake is reported the same way
+everywhere and before any data is loaded or any process is started.
+
+This module imports nothing of fedapp: registries of names (datasets, models,
+strategies, ...) live beside their implementations and are checked by
+:func:`fedapp.components.check_experiment`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration value is impossible; the message names key and allowed range."""
+
+
+@dataclass
+class DatasetConfig:
+    """Which data set and where it lives.
+
+    ``root`` empty means: ``$FEDAPP_DATA_ROOT`` if set, else ``./data``.
+    ``max_train_samples`` > 0 takes a seeded subset (quick experiments, tests).
+    """
+
+    name: str = "mnist"
+    root: str = ""
+    download: bool = True
+    val_fraction: float = 0.1
+    max_train_samples: int = 0
+    max_test_samples: int = 0
+    synthetic_train_size: int = 4000
+    synthetic_test_size: int = 1000
+
+
+@dataclass
+class PartitionConfig:
+    """How the training set is split over clients (one partition per client)."""
+
+    name: str = "iid"
+    num_clients: int = 10
+    alpha: float = 0.5
+    shards_per_client: int = 2
+    min_partition_size: int = 10
+    seed: int = 42
+
+
+@dataclass
+class ModelConfig:
+    """Which network every client trains."""
+
+    name: str = "cnn_mnist"
+
+
+@dataclass
+class ClientConfig:
+    """Local training on each client."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass
+class StrategyConfig:
+    """Server-side aggregation rule and client sampling.
+
+    ``num_malicious`` is the number of Byzantine clients the robust rules assume;
+    ``num_clients_to_keep`` is Multi-Krum's m; ``beta`` is the trimmed-mean cut per side.
+    """
+
+    name: str = "fedavg"
+    fraction_fit: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_fit_clients: int = 2
+    min_evaluate_clients: int = 2
+    min_available_clients: int = 2
+    num_malicious: int = 0
+    num_clients_to_keep: int = 0
+    beta: float = 0.2
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the experiment executes.
+
+    ``mode`` is ``simulation`` (Flower's simulation engine on Ray) or ``processes``
+    (one ``flower-superlink`` and ``num_clients`` ``flower-supernode`` processes).
+    ``ray_address`` empty starts a local Ray; ``auto`` or ``ray://host:port`` joins a cluster.
+    """
+
+    mode: str = "simulation"
+    output_dir: str = "outputs/latest"
+    num_cpus_per_client: float = 1.0
+    num_gpus_per_client: float = 0.0
+    ray_address: str = ""
+    eval_batch_size: int = 1000
+    device: str = "cpu"
+    superlink_port: int = 9092
+    tls: bool = False
+    timeout_s: int = 1800
+
+
+@dataclass
+class ExperimentConfig:
+    """One federated experiment, as every fedapp component receives it."""
+
+    name: str = "default"
+    num_rounds: int = 5
+    seed: int = 0
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "ExperimentConfig":
+        """Build and validate from a nested mapping (Hydra, TOML, JSON).
+
+        Unknown keys are an error, so a typo is never silently ignored.
+        """
+        cfg = _build(cls, raw, path="")
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain-python form; round-trips through :meth:`from_dict`."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Check ranges and cross-field consistency; raise :class:`ConfigError`."""
+        _positive_int("num_rounds", self.num_rounds)
+        d, p, c, s, r = self.dataset, self.partition, self.client, self.strategy, self.runtime
+        _in_range("dataset.val_fraction", d.val_fraction, 0.0, 0.9, low_open=False)
+        for key in ("max_train_samples", "max_test_samples"):
+            if getattr(d, key) < 0:
+                raise ConfigError(f"dataset.{key} must be >= 0 (0 = all), got {getattr(d, key)}")
+        _positive_int("dataset.synthetic_train_size", d.synthetic_train_size)
+        _positive_int("dataset.synthetic_test_size", d.synthetic_test_size)
+        _positive_int("partition.num_clients", p.num_clients)
+        if p.alpha <= 0:
+            raise ConfigError(f"partition.alpha must be > 0, got {p.alpha}")
+        _positive_int("partition.shards_per_client", p.shards_per_client)
+        if p.min_partition_size < 1:
+            raise ConfigError(f"partition.min_partition_size must be >= 1, got {p.min_partition_size}")
+        _positive_int("client.local_epochs", c.local_epochs)
+        _positive_int("client.batch_size", c.batch_size)
+        if c.lr <= 0:
+            raise ConfigError(f"client.lr must be > 0, got {c.lr}")
+        _in_range("client.momentum", c.momentum, 0.0, 1.0, low_open=False, high_open=True)
+        if c.weight_decay < 0:
+            raise ConfigError(f"client.weight_decay must be >= 0, got {c.weight_decay}")
+        _in_range("strategy.fraction_fit", s.fraction_fit, 0.0, 1.0)
+        if not 0.0 <= s.fraction_evaluate <= 1.0:
+            raise ConfigError(
+                f"strategy.fraction_evaluate must be in [0, 1] (0 disables federated "
+                f"evaluation), got {s.fraction_evaluate}"
+            )
+        for key in ("min_fit_clients", "min_evaluate_clients", "min_available_clients"):
+            value = getattr(s, key)
+            _positive_int(f"strategy.{key}", value)
+            if value > p.num_clients:
+                raise ConfigError(
+                    f"strategy.{key}={value} exceeds partition.num_clients={p.num_clients}: "
+                    "the run would wait forever for clients that do not exist"
+                )
+        if s.num_malicious < 0:
+            raise ConfigError(f"strategy.num_malicious must be >= 0, got {s.num_malicious}")
+        if s.num_clients_to_keep < 0:
+            raise ConfigError(f"strategy.num_clients_to_keep must be >= 0, got {s.num_clients_to_keep}")
+        _in_range("strategy.beta", s.beta, 0.0, 0.5, low_open=False, high_open=True)
+        if r.mode not in ("simulation", "processes"):
+            raise ConfigError(f"runtime.mode must be 'simulation' or 'processes', got {r.mode!r}")
+        if r.num_cpus_per_client <= 0:
+            raise ConfigError(f"runtime.num_cpus_per_client must be > 0, got {r.num_cpus_per_client}")
+        if r.num_gpus_per_client < 0:
+            raise ConfigError(f"runtime.num_gpus_per_client must be >= 0, got {r.num_gpus_per_client}")
+        _positive_int("runtime.eval_batch_size", r.eval_batch_size)
+        _in_range("runtime.superlink_port", r.superlink_port, 1024, 65535, low_open=False, high_open=False)
+        _positive_int("runtime.timeout_s", r.timeout_s)
+
+
+def _build(cls: type, raw: Mapping[str, Any], path: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = path or "the top level"
+        raise ConfigError(f"unknown config key(s) {unknown} in {where}; valid keys: {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    defaults = cls()
+    for name, value in raw.items():
+        key = f"{path}.{name}" if path else name
+        current = getattr(defaults, name)
+        if dataclasses.is_dataclass(current):
+            kwargs[name] = _build(type(current), value, key)
+        else:
+            kwargs[name] = _coerce(key, value, current)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Accept the value when it has the default's type (ints for floats are widened)."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} must be of type {type(default).__name__}, got {value!r}")
+
+
+def _positive_int(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def _in_range(
+    key: str,
+    value: float,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = True,
+    high_open: bool = False,
+) -> None:
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{key} must be in {interval}, got {value}")

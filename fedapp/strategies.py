@@ -1,0 +1,109 @@
+"""The one place that composes a server strategy from an experiment's configuration.
+
+Base aggregation rules are Flower's own (``FedAvg``, ``Krum``, ``FedTrimmedAvg``,
+``FedMedian``); fedapp's concerns are added as wrappers around them
+(:mod:`fedapp.wrappers`). Validation of names and combinations happens in
+:func:`check_strategy_config`, called before a run starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from flwr.common import NDArrays, Scalar, ndarrays_to_parameters
+from flwr.server.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, Strategy
+
+from fedapp.config import ConfigError, ExperimentConfig
+from fedapp.metrics import RunRecorder
+from fedapp.wrappers import MetricsRecording, UpdateValidation
+
+EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
+
+
+def _common(cfg: ExperimentConfig) -> dict[str, Any]:
+    s = cfg.strategy
+    return {
+        "fraction_fit": s.fraction_fit,
+        "fraction_evaluate": s.fraction_evaluate,
+        "min_fit_clients": s.min_fit_clients,
+        "min_evaluate_clients": s.min_evaluate_clients,
+        "min_available_clients": s.min_available_clients,
+    }
+
+
+BASE_STRATEGIES: dict[str, Callable[[ExperimentConfig, dict[str, Any]], Strategy]] = {
+    "fedavg": lambda cfg, kw: FedAvg(**kw),
+    "krum": lambda cfg, kw: Krum(num_malicious_clients=cfg.strategy.num_malicious, num_clients_to_keep=0, **kw),
+    "multikrum": lambda cfg, kw: Krum(
+        num_malicious_clients=cfg.strategy.num_malicious,
+        num_clients_to_keep=cfg.strategy.num_clients_to_keep or _multikrum_default_m(cfg),
+        **kw,
+    ),
+    "trimmedmean": lambda cfg, kw: FedTrimmedAvg(beta=cfg.strategy.beta, **kw),
+    "median": lambda cfg, kw: FedMedian(**kw),
+}
+
+
+def _multikrum_default_m(cfg: ExperimentConfig) -> int:
+    """m = n - f, the largest selection Multi-Krum's guarantee allows."""
+    return max(1, _clients_per_round(cfg) - cfg.strategy.num_malicious)
+
+
+def _clients_per_round(cfg: ExperimentConfig) -> int:
+    n = cfg.partition.num_clients
+    return max(cfg.strategy.min_fit_clients, int(n * cfg.strategy.fraction_fit))
+
+
+def check_strategy_config(cfg: ExperimentConfig) -> None:
+    """Unknown names and combinations a rule cannot honour fail here, with the reason."""
+    s = cfg.strategy
+    if s.name not in BASE_STRATEGIES:
+        raise ConfigError(f"unknown strategy {s.name!r}; valid: {sorted(BASE_STRATEGIES)}")
+    per_round = _clients_per_round(cfg)
+    if s.name in ("krum", "multikrum") and per_round <= 2 * s.num_malicious + 2:
+        raise ConfigError(
+            f"{s.name} tolerates f Byzantine clients only with n > 2f + 2 clients per round; "
+            f"got n={per_round}, f={s.num_malicious} (strategy.num_malicious)"
+        )
+    if s.name == "multikrum" and s.num_clients_to_keep > per_round:
+        raise ConfigError(
+            f"strategy.num_clients_to_keep={s.num_clients_to_keep} exceeds the {per_round} clients per round"
+        )
+
+
+def build_strategy(
+    cfg: ExperimentConfig,
+    *,
+    initial_parameters: NDArrays,
+    evaluate_fn: EvaluateFn | None,
+    recorder: RunRecorder,
+    on_fit_config_fn: Callable[[int], dict[str, Scalar]] | None = None,
+) -> Strategy:
+    """Base rule from ``strategy.name``, wrapped with update validation and recording."""
+    check_strategy_config(cfg)
+    kwargs = _common(cfg) | {
+        "initial_parameters": ndarrays_to_parameters(initial_parameters),
+        "evaluate_fn": evaluate_fn,
+        "on_fit_config_fn": on_fit_config_fn,
+        "on_evaluate_config_fn": on_fit_config_fn,
+        "fit_metrics_aggregation_fn": _weighted_mean,
+        "evaluate_metrics_aggregation_fn": _weighted_mean,
+    }
+    strategy = BASE_STRATEGIES[cfg.strategy.name](cfg, kwargs)
+    strategy = UpdateValidation(strategy, recorder)
+    return MetricsRecording(strategy, recorder)
+
+
+def _weighted_mean(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+    """Sample-weighted mean of the numeric metrics all clients reported (ids excluded)."""
+    total = sum(n for n, _ in metrics)
+    if not metrics or total == 0:
+        return {}
+    keys = set.intersection(*(set(m) for _, m in metrics)) - {"partition_id"}
+    out: dict[str, Scalar] = {}
+    for key in sorted(keys):
+        values = [(n, m[key]) for n, m in metrics]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for _, v in values):
+            out[key] = sum(n * float(v) for n, v in values) / total
+    return out
+
