@@ -132,7 +132,8 @@ def synthetic_dataset(
 
     def draw(n: int) -> TensorDataset:
         y = torch.randint(0, spec.num_classes, (n,), generator=gen)
-        x = prototypes[y] + 1.5 * torch.randn((n, *spec.input_shape), generator=gen)
+        noise = torch.randn((n, *spec.input_shape), generator=gen)
+        x = (prototypes[y] + 1.5 * noise) / 3.25**0.5  # unit variance, like standardised images
         return TensorDataset(x.float(), y.long())
 
     return draw(train_size), draw(test_size)
