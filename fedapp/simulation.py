@@ -22,10 +22,10 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     rt = cfg.runtime
     config: dict[str, Any] = {
         "client_resources": {"num_cpus": rt.num_cpus_per_client, "num_gpus": rt.num_gpus_per_client},
-        "init_args": {"log_to_driver": False},
+        # Without an address Ray would join any Ray already running on this host
+        # (another experiment's), whose CPUs are taken: start our own instead.
+        "init_args": {"log_to_driver": False, "address": rt.ray_address or "local"},
     }
-    if rt.ray_address:
-        config["init_args"]["address"] = rt.ray_address
     return config
 
 
