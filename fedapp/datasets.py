@@ -178,13 +178,14 @@ def _open_torchvision(cls: type, root: Path, train: bool, download: bool, spec: 
     """Open from disk; download only when the files are missing and allowed."""
     try:
         return cls(str(root), train=train, download=False)
-    except RuntimeError as missing:
-        reason = f"not found on disk ({missing})"
+    except RuntimeError:
+        reason = "not found on disk"
     if download:
         try:
             return cls(str(root), train=train, download=True)
         except Exception as err:  # noqa: BLE001 - any network/IO failure means the same to the user
-            reason = f"not on disk and the download failed ({type(err).__name__}: {err})"
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            reason = f"not on disk and the download failed ({type(err).__name__}: {first_line})"
     else:
         reason += "; dataset.download is off"
     expected = ", ".join(spec.expected_files)
