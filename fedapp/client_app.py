@@ -7,24 +7,35 @@ state belongs in ``context.state`` (Flower keeps it on the SuperNode).
 
 from __future__ import annotations
 
+from logging import INFO
+from pathlib import Path
+
 import torch
 from flwr.client import ClientApp, NumPyClient
-from flwr.common import Context, NDArrays, Scalar
+from flwr.common import ConfigRecord, Context, NDArrays, RecordDict, Scalar, log
 from torch.utils.data import DataLoader
 
 from fedapp.components import client_data, new_model
-from fedapp.config import ExperimentConfig
+from fedapp.config import ConfigError, ExperimentConfig
+from fedapp.privacy import PrivacyLedger, make_private, more_spent, plan_client_dp
 from fedapp.runconfig import experiment_from_run_config
 from fedapp.training import evaluate, get_weights, make_optimizer, set_weights, train_epochs
-from fedapp.wrappers import CLIENT_ID_KEY
+from fedapp.wrappers import CLIENT_ID_KEY, DECLINED_KEY, EPSILON_KEY, REASON_CODE_KEY, REASON_KEY
+
+LEDGER_STATE_KEY = "fedapp.privacy.ledger"  # where a client's DP ledger lives in context.state
 
 
 class FedappClient(NumPyClient):
-    """Local SGD on one partition; reports its partition id with every reply."""
+    """Local SGD (or DP-SGD) on one partition; reports its partition id with every reply.
 
-    def __init__(self, cfg: ExperimentConfig, partition_id: int) -> None:
+    ``state`` is the node's ``context.state``: with client DP on, the privacy
+    ledger is read from and written back to it every round.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, partition_id: int, state: RecordDict | None = None) -> None:
         self.cfg = cfg
         self.partition_id = partition_id
+        self.state = state if state is not None else RecordDict()
         self.model = new_model(cfg)
         self.train_set, self.val_set = client_data(cfg, partition_id)
 
@@ -37,10 +48,96 @@ class FedappClient(NumPyClient):
         torch.manual_seed(self.cfg.seed * 100_003 + server_round * 1_009 + self.partition_id)
         loader = DataLoader(self.train_set, batch_size=self.cfg.client.batch_size, shuffle=True)
         optimizer = make_optimizer(self.cfg.client, self.model.parameters())
+        if self.cfg.privacy.client.enabled:
+            return self._fit_private(parameters, loader, optimizer, server_round)
         metrics = train_epochs(
             self.model, loader, optimizer, self.cfg.client.local_epochs, device=self.cfg.runtime.device
         )
         return get_weights(self.model), len(self.train_set), {CLIENT_ID_KEY: self.partition_id, **metrics}
+
+    def _fit_private(
+        self, parameters: NDArrays, loader: DataLoader, optimizer: torch.optim.Optimizer, server_round: int
+    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """DP-SGD on top of the restored ledger, or an explicit decline when over budget."""
+        c = self.cfg.client
+        plan = plan_client_dp(
+            self.cfg.privacy.client,
+            num_samples=len(self.train_set),
+            batch_size=c.batch_size,
+            local_epochs=c.local_epochs,
+            num_rounds=self.cfg.num_rounds,
+            warn=False,  # said once at start-up (components.check_client_dp)
+        )
+        ledger = self.load_ledger(plan.accountant)
+        spent = ledger.epsilon(plan.delta)
+        if plan.epsilon_budget > 0:
+            projected = ledger.epsilon_after(
+                noise_multiplier=plan.noise_multiplier,
+                sample_rate=plan.sample_rate,
+                steps=plan.steps_per_round,
+                delta=plan.delta,
+            )
+            if projected > plan.epsilon_budget:
+                reason = (
+                    f"training round {server_round} would raise epsilon from {spent:.4f} to {projected:.4f}, "
+                    f"over the budget {plan.epsilon_budget:g} (delta {plan.delta:g})"
+                )
+                log(INFO, "Client %s declines: %s", self.partition_id, reason)
+                return parameters, 0, {
+                    CLIENT_ID_KEY: self.partition_id,
+                    DECLINED_KEY: 1,
+                    REASON_CODE_KEY: "privacy_budget",
+                    REASON_KEY: reason,
+                    EPSILON_KEY: spent,
+                }
+        private_model, private_optimizer, private_loader = make_private(
+            self.model, optimizer, loader, plan=plan, ledger=ledger
+        )
+        try:
+            metrics = train_epochs(private_model, private_loader, private_optimizer, c.local_epochs, self.cfg.runtime.device)
+        finally:
+            private_model.cleanup()
+            self.save_ledger(ledger)  # also after a crash mid-round: those steps were taken
+        return get_weights(self.model), len(self.train_set), {
+            CLIENT_ID_KEY: self.partition_id,
+            EPSILON_KEY: ledger.epsilon(plan.delta),
+            "delta": plan.delta,
+            "noise_multiplier": plan.noise_multiplier,
+            "dp_steps": ledger.steps,
+            **metrics,
+        }
+
+    def _ledger_path(self) -> Path | None:
+        ledger_dir = self.cfg.privacy.client.ledger_dir
+        return Path(ledger_dir) / f"partition-{self.partition_id}.json" if ledger_dir else None
+
+    def load_ledger(self, accountant: str) -> PrivacyLedger:
+        """This client's ledger: from ``context.state`` and/or disk, the copy with more steps."""
+        ledger = PrivacyLedger(accountant)
+        copies: list[tuple[str, dict]] = []
+        if LEDGER_STATE_KEY in self.state:
+            copies.append(("context.state", ledger_state_from_record(self.state[LEDGER_STATE_KEY])))
+        path = self._ledger_path()
+        if path is not None and path.exists():
+            copies.append((str(path), PrivacyLedger.load(path).state_dict()))
+        for where, state in copies:
+            if state["mechanism"] != accountant:
+                raise ConfigError(
+                    f"client {self.partition_id}'s privacy ledger in {where} was kept with the "
+                    f"{state['mechanism']!r} accountant but privacy.client.accountant={accountant!r}"
+                )
+            restored = PrivacyLedger(accountant)
+            restored.load_state_dict(state)
+            ledger = more_spent(ledger, restored)
+        return ledger
+
+    def save_ledger(self, ledger: PrivacyLedger) -> None:
+        """Write the ledger to ``context.state`` (and to ``ledger_dir`` when configured)."""
+        if ledger.history:
+            self.state[LEDGER_STATE_KEY] = ledger_state_to_record(ledger.state_dict())
+        path = self._ledger_path()
+        if path is not None:
+            ledger.save(path)
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         set_weights(self.model, parameters)
@@ -48,6 +145,25 @@ class FedappClient(NumPyClient):
             return 0.0, 0, {CLIENT_ID_KEY: self.partition_id}
         loss, acc = evaluate(self.model, self.val_set, self.cfg.runtime.eval_batch_size, self.cfg.runtime.device)
         return loss, len(self.val_set), {CLIENT_ID_KEY: self.partition_id, "accuracy": acc}
+
+
+def ledger_state_to_record(state: dict) -> ConfigRecord:
+    """A ledger's ``state_dict`` as a ConfigRecord (one list per history column)."""
+    history = state["history"]
+    return ConfigRecord(
+        {
+            "mechanism": state["mechanism"],
+            "noise_multiplier": [float(h[0]) for h in history],
+            "sample_rate": [float(h[1]) for h in history],
+            "steps": [int(h[2]) for h in history],
+        }
+    )
+
+
+def ledger_state_from_record(record: ConfigRecord) -> dict:
+    """Inverse of :func:`ledger_state_to_record`."""
+    columns = zip(record["noise_multiplier"], record["sample_rate"], record["steps"])
+    return {"mechanism": str(record["mechanism"]), "history": [(float(s), float(q), int(n)) for s, q, n in columns]}
 
 
 def partition_id_of(context: Context, cfg: ExperimentConfig) -> int:
@@ -73,7 +189,7 @@ def make_client_app(cfg: ExperimentConfig | None = None) -> ClientApp:
     def client_fn(context: Context):  # noqa: ANN202 - flwr.client.Client
         experiment = cfg if cfg is not None else experiment_from_run_config(context.run_config)
         torch.set_num_threads(max(1, int(experiment.runtime.num_cpus_per_client)))
-        return FedappClient(experiment, partition_id_of(context, experiment)).to_client()
+        return FedappClient(experiment, partition_id_of(context, experiment), context.state).to_client()
 
     return ClientApp(client_fn=client_fn)
 

@@ -14,6 +14,7 @@ from fedapp.config import ConfigError, ExperimentConfig
 from fedapp.datasets import dataset_spec, labels_of, load_dataset
 from fedapp.models import build_model, check_model
 from fedapp.partition import check_partition_config, partition_indices, train_val_split
+from fedapp.privacy import check_dp_model, plan_client_dp
 from fedapp.training import OPTIMIZERS
 
 
@@ -32,15 +33,42 @@ def check_experiment(cfg: ExperimentConfig, *, load_data: bool = True) -> None:
         raise ConfigError(f"unknown client.optimizer {cfg.client.optimizer!r}; valid: {list(OPTIMIZERS)}")
     check_partition_config(cfg.partition)
     check_strategy_config(cfg)
+    new_model(cfg)  # a model DP-SGD cannot train fails here, with Opacus's reasons
     if load_data:
         train, _ = load_dataset(cfg.dataset)
         check_partition_config(cfg.partition, len(train))
+        if cfg.privacy.client.enabled:
+            check_client_dp(cfg)
+
+
+def check_client_dp(cfg: ExperimentConfig) -> None:
+    """Calibrate every client's DP-SGD plan now, so an unreachable target stops the run early.
+
+    The delta warning is given once, for the smallest client (the one it concerns most).
+    """
+    sizes = sorted({len(client_data(cfg, pid)[0]) for pid in range(cfg.partition.num_clients)})
+    for size in sizes:
+        plan_client_dp(
+            cfg.privacy.client,
+            num_samples=size,
+            batch_size=cfg.client.batch_size,
+            local_epochs=cfg.client.local_epochs,
+            num_rounds=cfg.num_rounds,
+            warn=size == sizes[0],
+        )
 
 
 def new_model(cfg: ExperimentConfig) -> nn.Module:
-    """The experiment's model, initialised from ``cfg.seed`` (same on every process)."""
+    """The experiment's model, initialised from ``cfg.seed`` (same on every process).
+
+    With client DP on, Opacus must accept it (or fix it, when allowed); server and
+    clients call this same function, so their weights keep the same shapes.
+    """
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.model.name, dataset_spec(cfg.dataset.name))
+    model = build_model(cfg.model.name, dataset_spec(cfg.dataset.name))
+    if cfg.privacy.client.enabled:
+        model = check_dp_model(model, fix=cfg.privacy.client.fix_model)
+    return model
 
 
 def client_data(cfg: ExperimentConfig, partition_id: int) -> tuple[Subset, Subset]:

@@ -111,6 +111,56 @@ class RuntimeConfig:
 
 
 @dataclass
+class ClientDPConfig:
+    """DP-SGD on every client (Opacus), accounted over the whole run.
+
+    Give either ``noise_multiplier`` (sigma) directly or a whole-run
+    ``target_epsilon``; with a target, sigma is calibrated once so that
+    ``num_rounds x local_epochs`` epochs of Poisson-sampled DP-SGD spend at most
+    ``(target_epsilon, delta)``. ``epsilon_budget`` (0 = ``target_epsilon``, or no
+    cap when sigma is given) is where a client stops: it declines a round that
+    would take it past the budget. ``ledger_dir`` (empty = off) mirrors each
+    client's ledger to disk so the spent budget survives a SuperNode restart.
+    ``fix_model`` lets Opacus replace layers it cannot handle (BatchNorm ->
+    GroupNorm) instead of rejecting the model.
+    """
+
+    enabled: bool = False
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    epsilon_budget: float = 0.0
+    ledger_dir: str = ""
+    fix_model: bool = False
+
+
+@dataclass
+class CentralDPConfig:
+    """User-level central DP: the server clips each update and noises the aggregate.
+
+    Flower's ``DifferentialPrivacyServerSideFixedClipping`` around FedAvg; the
+    noise on the mean of ``m`` clipped updates has standard deviation
+    ``noise_multiplier * clipping_norm / m``. Accounted per round with client
+    sampling (q = clients per round / clients) at ``delta``.
+    """
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    delta: float = 1e-5
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy: record-level on clients, user-level on the server (or both)."""
+
+    client: ClientDPConfig = field(default_factory=ClientDPConfig)
+    central: CentralDPConfig = field(default_factory=CentralDPConfig)
+
+
+@dataclass
 class ExperimentConfig:
     """One federated experiment, as every fedapp component receives it."""
 
@@ -123,6 +173,7 @@ class ExperimentConfig:
     client: ClientConfig = field(default_factory=ClientConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "ExperimentConfig":
@@ -189,6 +240,49 @@ class ExperimentConfig:
         _positive_int("runtime.eval_batch_size", r.eval_batch_size)
         _in_range("runtime.superlink_port", r.superlink_port, 1024, 65535, low_open=False, high_open=False)
         _positive_int("runtime.timeout_s", r.timeout_s)
+        _validate_privacy(self.privacy)
+
+
+def _validate_privacy(pv: PrivacyConfig) -> None:
+    """Ranges of the DP settings; sigma = 0 or no clipping while DP is on is an error."""
+    c, z = pv.client, pv.central
+    for key in ("noise_multiplier", "target_epsilon", "epsilon_budget"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"privacy.client.{key} must be >= 0, got {getattr(c, key)}")
+    _in_range("privacy.client.delta", c.delta, 0.0, 1.0, high_open=True)
+    _in_range("privacy.central.delta", z.delta, 0.0, 1.0, high_open=True)
+    if z.noise_multiplier < 0:
+        raise ConfigError(f"privacy.central.noise_multiplier must be >= 0, got {z.noise_multiplier}")
+    if c.enabled:
+        if c.max_grad_norm <= 0:
+            raise ConfigError(
+                f"privacy.client.max_grad_norm must be > 0 while client DP is on (per-sample "
+                f"clipping bounds each record's influence), got {c.max_grad_norm}"
+            )
+        if c.noise_multiplier > 0 and c.target_epsilon > 0:
+            raise ConfigError(
+                "give either privacy.client.noise_multiplier or privacy.client.target_epsilon, not "
+                f"both (got {c.noise_multiplier} and {c.target_epsilon}): a target calibrates sigma"
+            )
+        if c.noise_multiplier == 0 and c.target_epsilon == 0:
+            raise ConfigError(
+                "privacy.client.noise_multiplier is 0 while client DP is on: sigma = 0 gives no "
+                "privacy; set noise_multiplier > 0 or a target_epsilon to calibrate it"
+            )
+        if 0 < c.epsilon_budget < c.target_epsilon:
+            raise ConfigError(
+                f"privacy.client.epsilon_budget={c.epsilon_budget} is below target_epsilon="
+                f"{c.target_epsilon}: clients would stop before the planned rounds; lower the target"
+            )
+    if z.enabled:
+        if z.noise_multiplier == 0:
+            raise ConfigError(
+                "privacy.central.noise_multiplier is 0 while central DP is on: sigma = 0 gives no privacy"
+            )
+        if z.clipping_norm <= 0:
+            raise ConfigError(
+                f"privacy.central.clipping_norm must be > 0 while central DP is on, got {z.clipping_norm}"
+            )
 
 
 def _build(cls: type, raw: Mapping[str, Any], path: str) -> Any:

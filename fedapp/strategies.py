@@ -14,6 +14,8 @@ from flwr.common import NDArrays, Scalar, ndarrays_to_parameters
 from flwr.server.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, Strategy
 
 from fedapp.config import ConfigError, ExperimentConfig
+from fedapp.dp_strategy import CentralDPAccounting, ClientEpsilonRecording
+from fedapp.exclusion import ClientExclusion
 from fedapp.metrics import RunRecorder
 from fedapp.wrappers import MetricsRecording, UpdateValidation
 
@@ -69,6 +71,12 @@ def check_strategy_config(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"strategy.num_clients_to_keep={s.num_clients_to_keep} exceeds the {per_round} clients per round"
         )
+    if cfg.privacy.central.enabled and s.name != "fedavg":
+        raise ConfigError(
+            f"privacy.central.enabled works only with strategy.name='fedavg', got {s.name!r}: central DP "
+            "calibrates its noise to the sensitivity C/m of a mean of m clipped updates, and "
+            "Krum, trimmed mean and median select or reorder updates, which changes that analysis"
+        )
 
 
 def build_strategy(
@@ -79,7 +87,11 @@ def build_strategy(
     recorder: RunRecorder,
     on_fit_config_fn: Callable[[int], dict[str, Scalar]] | None = None,
 ) -> Strategy:
-    """Base rule from ``strategy.name``, wrapped with update validation and recording."""
+    """Base rule from ``strategy.name``, wrapped with privacy, validation, exclusion and recording.
+
+    Outermost first: recording, client exclusion (declined replies never reach
+    validation), client-epsilon recording, update validation, central DP, base rule.
+    """
     check_strategy_config(cfg)
     kwargs = _common(cfg) | {
         "initial_parameters": ndarrays_to_parameters(initial_parameters),
@@ -90,7 +102,21 @@ def build_strategy(
         "evaluate_metrics_aggregation_fn": _weighted_mean,
     }
     strategy = BASE_STRATEGIES[cfg.strategy.name](cfg, kwargs)
+    central = cfg.privacy.central
+    if central.enabled:
+        strategy = CentralDPAccounting(
+            strategy,
+            noise_multiplier=central.noise_multiplier,
+            clipping_norm=central.clipping_norm,
+            num_sampled_clients=min(_clients_per_round(cfg), cfg.partition.num_clients),
+            num_clients=cfg.partition.num_clients,
+            delta=central.delta,
+            recorder=recorder,
+        )
     strategy = UpdateValidation(strategy, recorder)
+    if cfg.privacy.client.enabled:
+        strategy = ClientEpsilonRecording(strategy, recorder)
+    strategy = ClientExclusion(strategy, min_fit_clients=cfg.strategy.min_fit_clients, recorder=recorder)
     return MetricsRecording(strategy, recorder)
 
 

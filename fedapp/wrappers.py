@@ -28,6 +28,12 @@ from flwr.server.strategy import Strategy
 from fedapp.metrics import RunRecorder
 
 CLIENT_ID_KEY = "partition_id"  # clients report their partition id under this metrics key
+# A client that will not train this round replies with the unchanged parameters and
+# {DECLINED_KEY: 1, REASON_CODE_KEY: <code>, REASON_KEY: <text>} (see fedapp.exclusion).
+DECLINED_KEY = "declined"
+REASON_CODE_KEY = "reason_code"
+REASON_KEY = "reason"
+EPSILON_KEY = "epsilon"  # a DP-SGD client's cumulative epsilon over every round it trained in
 
 FitResults = list[tuple[ClientProxy, FitRes]]
 Failures = list[tuple[ClientProxy, FitRes] | BaseException]
