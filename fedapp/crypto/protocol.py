@@ -1,0 +1,110 @@
+"""What the Paillier server wrapper and the client side agree on: message keys and the two client steps.
+
+Neutral ground (no Flower, no torch): :mod:`fedapp.secagg` (server) and the
+ClientApp both import from here and never from each other.
+
+Round ``t`` of the protocol:
+
+1. ``configure_fit`` adds ``{SECAGG_MODE: "encrypt", SECAGG_ROUND: t, SECAGG_KEY_ID: id}``
+   to every client's config. A client trains, then :func:`encrypt_update`
+   turns ``new - global`` into one uint8 array (an :class:`EncryptedVector`).
+2. The server validates and adds the ciphertexts (public key only).
+3. Still inside ``aggregate_fit``, the server sends the encrypted sum to a few
+   decryptor clients with ``{SECAGG_MODE: "decrypt"}``; :func:`decrypt_request`
+   returns the weighted sum of the updates (float64) and its total weight.
+   The server cross-checks that the decryptors agree and applies the mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedapp.crypto.fixedpoint import Quantizer, SlotLayout
+from fedapp.crypto.keys import ObfuscatorPool, PrivateKey, PublicKey
+from fedapp.crypto.vectors import EncryptedVector, ReplayGuard, decrypt_aggregate, encrypt_vector
+
+SECAGG_MODE = "secagg.mode"  # "encrypt" (train, send ciphertexts) or "decrypt" (decrypt the sum)
+SECAGG_ROUND = "secagg.round"
+SECAGG_KEY_ID = "secagg.key_id"
+SECAGG_TOTAL_WEIGHT = "secagg.total_weight"  # a decryptor's reply: total weight of the sum
+MODE_ENCRYPT = "encrypt"
+MODE_DECRYPT = "decrypt"
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """Layout, quantiser and decryption policy, the same on server and clients.
+
+    Parameters
+    ----------
+    layout : SlotLayout
+        Slots and headroom (max clients x max weight).
+    quantizer : Quantizer
+        Clip bound, bits, rounding.
+    min_contributors : int
+        A decryptor refuses a sum of fewer senders (default: 2).
+    noise_std : float
+        Per-client distributed DP noise std, before quantising (default: 0.0).
+    """
+
+    layout: SlotLayout
+    quantizer: Quantizer
+    min_contributors: int = 2
+    noise_std: float = 0.0
+
+
+def flatten(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays]) if arrays else np.zeros(0)
+
+
+def unflatten(vector: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
+    """Split ``vector`` into arrays shaped (and typed) like ``like``."""
+    out, start = [], 0
+    for a in like:
+        out.append(vector[start : start + a.size].reshape(a.shape).astype(a.dtype))
+        start += a.size
+    if start != vector.size:
+        raise ValueError(f"vector of {vector.size} values does not fit arrays holding {start}")
+    return out
+
+
+def encrypt_update(
+    old: list[np.ndarray],
+    new: list[np.ndarray],
+    *,
+    server_round: int,
+    sender: str,
+    public_key: PublicKey,
+    settings: SecAggSettings,
+    private_key: PrivateKey | None = None,
+    pool: ObfuscatorPool | None = None,
+) -> list[np.ndarray]:
+    """Client step 1: the update ``new - old`` as one encrypted uint8 array (Flower NDArrays)."""
+    msg = encrypt_vector(
+        flatten(new) - flatten(old), public_key=public_key, layout=settings.layout, quantizer=settings.quantizer,
+        server_round=server_round, sender=sender, private_key=private_key, pool=pool, noise_std=settings.noise_std,
+    )
+    return [msg.to_ndarray(public_key)]
+
+
+def decrypt_request(
+    arrays: list[np.ndarray], *, server_round: int, private_key: PrivateKey, settings: SecAggSettings,
+    replay_guard: ReplayGuard | None = None,
+) -> tuple[list[np.ndarray], int]:
+    """Client step 3 (decryptors): the weighted sum of the round's updates and its total weight.
+
+    Refuses (:class:`~fedapp.crypto.CiphertextRejected`) anything not an
+    aggregate of this round under this key with at least ``min_contributors``.
+    """
+    if len(arrays) != 1:
+        raise ValueError(f"a decryption request carries one array, got {len(arrays)}")
+    msg = EncryptedVector.from_bytes(
+        arrays[0], private_key.public_key, expected_round=server_round, expected_layout=settings.layout,
+        replay_guard=replay_guard,
+    )
+    if msg.kind != "aggregate":
+        raise ValueError(f"refusing to decrypt a single {msg.kind!r} from {msg.sender}")
+    total, weight = decrypt_aggregate(msg, private_key, min_contributors=settings.min_contributors)
+    return [total], weight

@@ -1,0 +1,194 @@
+"""Server side of Paillier secure aggregation around FedAvg (legacy strategy API).
+
+:class:`PaillierSecureAggregation` holds the public key only (asserted at
+construction). It asks clients for encrypted updates, validates and adds the
+ciphertexts, and has the sum decrypted by a few key-holding decryptor clients.
+
+Why a decryption sub-round inside ``aggregate_fit`` (and not in the next
+round's ``configure_fit``): the threat model lets the server learn the
+aggregate, and with the plaintext mean back on the server everything after
+aggregation stays as in plain FedAvg -- central evaluation, checkpoints, the
+wrappers outside this one. The legacy workflow hands ``aggregate_fit`` the
+clients' ``GridClientProxy`` objects, whose ``fit`` sends one message and waits
+for the reply, so the sub-round needs no change to Flower's round loop. The
+alternative (each client decrypts the sum at the start of the next round) would
+hide even the global model from the server, at the price of central evaluation
+and of every client paying the decryption. Decryptors are cross-checked: the
+``decryptors`` replies must be identical (decryption is deterministic); a
+decryptor that fails is replaced by the next contributor.
+"""
+
+from __future__ import annotations
+
+import random
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.common import FitIns, FitRes, Parameters, Scalar, log, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg, Strategy
+
+from fedapp.crypto import (
+    CiphertextRejected,
+    EncryptedVector,
+    LayoutError,
+    PublicKey,
+    ReplayGuard,
+    add_encrypted,
+    assert_no_private_key,
+)
+from fedapp.crypto.protocol import (
+    MODE_DECRYPT,
+    MODE_ENCRYPT,
+    SECAGG_KEY_ID,
+    SECAGG_MODE,
+    SECAGG_ROUND,
+    SECAGG_TOTAL_WEIGHT,
+    SecAggSettings,
+    flatten,
+    unflatten,
+)
+from fedapp.wrappers import Failures, FitResults, StrategyWrapper
+
+
+def integer_weights(num_examples: list[int], max_weight: int) -> list[int]:
+    """FedAvg's sample weights on ``1..max_weight`` (1 = plain mean), so slots keep their headroom."""
+    if max_weight == 1:
+        return [1] * len(num_examples)
+    top = max(num_examples)
+    return [max(1, round(max_weight * n / top)) for n in num_examples]
+
+
+class PaillierSecureAggregation(StrategyWrapper):
+    """FedAvg over Paillier-encrypted updates; the server never holds the private key.
+
+    Parameters
+    ----------
+    strategy : FedAvg
+        The base rule; only plain FedAvg (a sum is all Paillier can compute).
+    public_key : PublicKey
+        The clients' shared public key.
+    settings : SecAggSettings
+        Layout and quantiser (the clients use the same).
+    decryptors : int
+        Clients that decrypt the sum and must agree (default: 2).
+    timeout : float | None
+        Seconds to wait for a decryptor (default: None).
+    seed : int
+        Seeds the choice of decryptors (default: 0).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        public_key: PublicKey,
+        settings: SecAggSettings,
+        decryptors: int = 2,
+        timeout: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        if type(strategy) is not FedAvg:
+            raise TypeError(
+                f"Paillier secure aggregation wraps plain FedAvg, got {type(strategy).__name__}: Krum, trimmed "
+                "mean and median need the individual updates, which the server never sees"
+            )
+        if decryptors < 1:
+            raise ValueError(f"decryptors must be >= 1, got {decryptors}")
+        super().__init__(strategy)
+        self.public_key = public_key
+        self.settings = settings
+        self.decryptors = decryptors
+        self.timeout = timeout
+        self._rng = random.Random(seed)
+        self._replay_guard = ReplayGuard()
+        self._global: list[np.ndarray] | None = None
+        assert_no_private_key(self)
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        self._global = parameters_to_ndarrays(parameters)
+        extra = {SECAGG_MODE: MODE_ENCRYPT, SECAGG_ROUND: server_round, SECAGG_KEY_ID: self.public_key.key_id}
+        return [
+            (proxy, FitIns(ins.parameters, {**ins.config, **extra}))
+            for proxy, ins in self.strategy.configure_fit(server_round, parameters, client_manager)
+        ]
+
+    def aggregate_fit(
+        self, server_round: int, results: FitResults, failures: Failures
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        if self._global is None:
+            raise RuntimeError("aggregate_fit before configure_fit: no global model to update")
+        num_values = int(sum(a.size for a in self._global))
+        failures = list(failures)
+        accepted: list[tuple[ClientProxy, FitRes, EncryptedVector]] = []
+        for proxy, res in results:
+            try:
+                arrays = parameters_to_ndarrays(res.parameters)
+                if len(arrays) != 1:
+                    raise CiphertextRejected("malformed", f"{len(arrays)} arrays, expected one encrypted vector")
+                msg = EncryptedVector.from_bytes(
+                    arrays[0], self.public_key, expected_round=server_round, expected_num_values=num_values,
+                    expected_layout=self.settings.layout, replay_guard=self._replay_guard,
+                )
+            except CiphertextRejected as err:
+                log(WARNING, "Round %s: update from %s refused: %s", server_round, proxy.cid, err)
+                failures.append(err)
+                continue
+            accepted.append((proxy, res, msg))
+        if not accepted or (not self.strategy.accept_failures and failures):
+            return None, {}
+        weights = integer_weights([res.num_examples for _, res, _ in accepted], self.settings.layout.max_weight)
+        try:
+            aggregate = add_encrypted([m for _, _, m in accepted], self.public_key, weights=weights)
+        except (LayoutError, CiphertextRejected) as err:
+            log(WARNING, "Round %s: cannot add the encrypted updates: %s", server_round, err)
+            return None, {}
+        decrypted = self._decrypt(server_round, aggregate, [proxy for proxy, _, _ in accepted])
+        if decrypted is None:
+            return None, {}
+        total, weight = decrypted
+        mean = flatten(self._global) + total / weight
+        metrics: dict[str, Scalar] = {"secagg_contributors": len(accepted), "secagg_refused": len(results) - len(accepted)}
+        if self.strategy.fit_metrics_aggregation_fn is not None:
+            metrics |= self.strategy.fit_metrics_aggregation_fn([(res.num_examples, res.metrics) for _, res, _ in accepted])
+        return ndarrays_to_parameters(unflatten(mean, self._global)), metrics
+
+    def _decrypt(
+        self, server_round: int, aggregate: EncryptedVector, candidates: list[ClientProxy]
+    ) -> tuple[np.ndarray, int] | None:
+        """Ask decryptors one by one until ``decryptors`` replies (or all candidates) agree."""
+        ins = FitIns(
+            ndarrays_to_parameters([aggregate.to_ndarray(self.public_key)]),
+            {SECAGG_MODE: MODE_DECRYPT, SECAGG_ROUND: server_round, SECAGG_KEY_ID: self.public_key.key_id},
+        )
+        order = list(candidates)
+        self._rng.shuffle(order)
+        replies: list[tuple[str, np.ndarray, int]] = []
+        for proxy in order:
+            if len(replies) == self.decryptors:
+                break
+            try:
+                res = proxy.fit(ins, timeout=self.timeout, group_id=server_round)
+                arrays = parameters_to_ndarrays(res.parameters)
+                replies.append((proxy.cid, np.asarray(arrays[0], dtype=np.float64), int(res.metrics[SECAGG_TOTAL_WEIGHT])))
+            except Exception as err:  # noqa: BLE001 - a failed decryptor is replaced, not fatal
+                log(WARNING, "Round %s: decryptor %s failed (%s); trying another", server_round, proxy.cid, err)
+        if not replies:
+            log(WARNING, "Round %s: no decryptor answered; the round is skipped", server_round)
+            return None
+        if len(replies) < self.decryptors:
+            log(WARNING, "Round %s: only %d of %d decryptors answered", server_round, len(replies), self.decryptors)
+        first_cid, total, weight = replies[0]
+        for cid, other, other_weight in replies[1:]:
+            if other_weight != weight or not np.array_equal(other, total):
+                log(WARNING, "Round %s: decryptors %s and %s disagree; the round is skipped", server_round, first_cid, cid)
+                return None
+        if weight != aggregate.weight:
+            log(WARNING, "Round %s: decrypted weight %s != %s; the round is skipped", server_round, weight, aggregate.weight)
+            return None
+        log(INFO, "Round %s: sum of %d encrypted updates decrypted by %s", server_round,
+            len(aggregate.contributors), [cid for cid, _, _ in replies])
+        return total, weight

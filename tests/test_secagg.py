@@ -1,0 +1,121 @@
+"""Paillier wrapper around FedAvg, driven by fake client proxies (512-bit keys, no simulation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg, FedMedian
+
+from fedapp.crypto import Quantizer, SlotLayout, assert_no_private_key, generate_keypair
+from fedapp.crypto.protocol import SECAGG_ROUND, SECAGG_TOTAL_WEIGHT, SecAggSettings, decrypt_request, encrypt_update
+from fedapp.secagg import PaillierSecureAggregation, integer_weights
+
+BITS = 512
+SETTINGS = SecAggSettings(layout=SlotLayout(bits=16, max_clients=4, key_bits=BITS), quantizer=Quantizer(bound=1.0, bits=16))
+GLOBAL = [np.zeros((2, 3), dtype=np.float32), np.full(4, 0.5, dtype=np.float32)]
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return generate_keypair(BITS)
+
+
+class FakeClient(ClientProxy):
+    """Stands in for a GridClientProxy: ``fit`` in decrypt mode is the client's decryptor step."""
+
+    def __init__(self, cid: str, private_key, *, broken: bool = False) -> None:
+        super().__init__(cid)
+        self.private_key, self.broken, self.decrypt_calls = private_key, broken, 0
+
+    def fit(self, ins, timeout, group_id):
+        self.decrypt_calls += 1
+        if self.broken:
+            raise ConnectionError("node gone")
+        arrays, weight = decrypt_request(
+            parameters_to_ndarrays(ins.parameters), server_round=int(ins.config[SECAGG_ROUND]),
+            private_key=self.private_key, settings=SETTINGS,
+        )
+        return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 0, {SECAGG_TOTAL_WEIGHT: weight})
+
+    def get_properties(self, ins, timeout, group_id): ...
+    def get_parameters(self, ins, timeout, group_id): ...
+    def evaluate(self, ins, timeout, group_id): ...
+    def reconnect(self, ins, timeout, group_id): ...
+
+
+def _round(keys, clients, deltas, *, server_round=1):
+    public, private = keys
+    strategy = PaillierSecureAggregation(
+        FedAvg(min_fit_clients=len(clients), min_available_clients=len(clients)), public_key=public, settings=SETTINGS
+    )
+    manager = SimpleClientManager()
+    for c in clients:
+        manager.register(c)
+    instructions = strategy.configure_fit(server_round, ndarrays_to_parameters(GLOBAL), manager)
+    results = []
+    for proxy, ins in instructions:
+        delta = deltas.get(proxy.cid)
+        if delta is None:  # dropped mid-round
+            continue
+        new = [g + d for g, d in zip(GLOBAL, delta)]
+        arrays = encrypt_update(
+            GLOBAL, new, server_round=int(ins.config[SECAGG_ROUND]), sender=proxy.cid, public_key=public,
+            settings=SETTINGS, private_key=private,
+        )
+        results.append((proxy, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 10, {})))
+    return strategy, results
+
+
+def _delta(seed):
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-0.5, 0.5, (2, 3)), rng.uniform(-0.5, 0.5, 4)]
+
+
+def test_mean_of_encrypted_updates_with_a_dropped_client_and_a_broken_decryptor(keys):
+    clients = [FakeClient(f"c{i}", keys[1], broken=(i == 0)) for i in range(4)]
+    deltas = {f"c{i}": _delta(i) for i in (0, 1, 3)}  # c2 drops out
+    strategy, results = _round(keys, clients, deltas)
+
+    parameters, metrics = strategy.aggregate_fit(1, results, [])
+
+    new = parameters_to_ndarrays(parameters)
+    expected = [g + np.mean([deltas[c][k] for c in deltas], axis=0) for k, g in enumerate(GLOBAL)]
+    for got, want in zip(new, expected):
+        assert got.shape == want.shape and got.dtype == np.float32
+        assert np.max(np.abs(got - want)) <= SETTINGS.quantizer.error_bound(1) + 1e-6
+    assert metrics["secagg_contributors"] == 3
+    assert sum(c.decrypt_calls for c in clients if not c.broken) == 2  # two decryptors agreed
+
+
+def test_replayed_and_stale_updates_are_refused(keys):
+    clients = [FakeClient(f"c{i}", keys[1]) for i in range(3)]
+    deltas = {c.cid: _delta(i) for i, c in enumerate(clients)}
+    strategy, results = _round(keys, clients, deltas)
+    _, stale = _round(keys, clients, deltas, server_round=0)
+
+    _, metrics = strategy.aggregate_fit(1, results + [results[0], stale[1]], [])
+
+    assert metrics["secagg_contributors"] == 3 and metrics["secagg_refused"] == 2
+
+
+def test_server_side_holds_no_private_key_and_robust_rules_are_refused(keys):
+    strategy, _ = _round(keys, [FakeClient("c0", keys[1]), FakeClient("c1", keys[1])], {})
+    assert_no_private_key(strategy)
+    with pytest.raises(TypeError, match="plain FedAvg"):
+        PaillierSecureAggregation(FedMedian(), public_key=keys[0], settings=SETTINGS)
+
+
+def test_integer_weights():
+    assert integer_weights([600, 300, 150], 1) == [1, 1, 1]
+    assert integer_weights([600, 300, 150], 8) == [8, 4, 2]
+
+
+def test_key_command_gives_the_server_the_public_key_only(tmp_path):
+    from fedapp.keys import main
+
+    assert main(["generate", "--dir", str(tmp_path / "clients"), "--public-dir", str(tmp_path / "server"), "--bits", "512"]) == 0
+    assert sorted(p.name for p in (tmp_path / "server").iterdir()) == ["paillier_public.json"]
+    assert main(["generate", "--dir", str(tmp_path / "clients"), "--bits", "512"]) == 1  # no silent overwrite
