@@ -17,6 +17,19 @@ from torch.utils.data import DataLoader
 
 from fedapp.components import client_data, new_model
 from fedapp.config import ConfigError, ExperimentConfig
+from fedapp.crypto import PrivateKey, load_private_key
+from fedapp.crypto.protocol import (
+    MODE_DECRYPT,
+    MODE_ENCRYPT,
+    SECAGG_KEY_ID,
+    SECAGG_MODE,
+    SECAGG_ROUND,
+    SECAGG_TOTAL_WEIGHT,
+    SecAggSettings,
+    decrypt_request,
+    encrypt_update,
+    settings_for,
+)
 from fedapp.privacy import PrivacyLedger, make_private, more_spent, plan_client_dp
 from fedapp.runconfig import experiment_from_run_config
 from fedapp.training import evaluate, get_weights, make_optimizer, set_weights, train_epochs
@@ -43,6 +56,36 @@ class FedappClient(NumPyClient):
         return get_weights(self.model)
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        if config.get(SECAGG_MODE) == MODE_DECRYPT:
+            return self._decrypt_aggregate(parameters, config)
+        new, num_examples, metrics = self._train(parameters, config)
+        if config.get(SECAGG_MODE) == MODE_ENCRYPT and not metrics.get(DECLINED_KEY):
+            new = self._encrypt_update(parameters, new, config)
+        return new, num_examples, metrics
+
+    def _secagg(self) -> tuple[PrivateKey, SecAggSettings]:
+        """The clients' key pair (``secagg.key_dir``) and the settings the server uses too."""
+        private_key = load_private_key(self.cfg.secagg.key_dir)
+        return private_key, settings_for(self.cfg.secagg, self.cfg.partition.num_clients)
+
+    def _encrypt_update(self, old: NDArrays, new: NDArrays, config: dict[str, Scalar]) -> NDArrays:
+        private_key, settings = self._secagg()
+        if config.get(SECAGG_KEY_ID) != private_key.key_id:
+            raise ValueError(f"server asks for key {config.get(SECAGG_KEY_ID)}, this client holds {private_key.key_id}")
+        return encrypt_update(
+            old, new, server_round=int(config[SECAGG_ROUND]), sender=str(self.partition_id),
+            public_key=private_key.public_key, settings=settings, private_key=private_key,
+        )
+
+    def _decrypt_aggregate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """Decryptor step: the round's encrypted sum in, the plaintext sum and its weight out."""
+        private_key, settings = self._secagg()
+        arrays, weight = decrypt_request(
+            parameters, server_round=int(config[SECAGG_ROUND]), private_key=private_key, settings=settings
+        )
+        return arrays, 0, {CLIENT_ID_KEY: self.partition_id, SECAGG_TOTAL_WEIGHT: weight}
+
+    def _train(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         set_weights(self.model, parameters)
         server_round = int(config.get("server_round", 0))
         torch.manual_seed(self.cfg.seed * 100_003 + server_round * 1_009 + self.partition_id)

@@ -161,6 +161,34 @@ class PrivacyConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Secure aggregation: ``method`` is ``none`` or ``paillier`` (FedAvg only).
+
+    Clients share a Paillier key pair made by ``python -m fedapp.keys generate``;
+    ``key_dir`` holds the public key on the server and both keys on the clients.
+    Each client clips its update (L2 ``clip_norm``, 0 = off; then every
+    coordinate to ``[-bound, bound]``), quantises it to ``bits`` bits and packs
+    it; ``max_weight`` > 1 folds sample counts in as weights 1..max_weight (more
+    headroom, more bytes). ``decryptors`` clients decrypt the sum and must
+    agree; a decryptor refuses sums of fewer than ``min_contributors`` clients.
+    ``noise_sigma_total`` > 0 adds distributed DP noise: each client
+    ``N(0, sigma^2 / n)`` so the sum carries ``sigma``.
+    """
+
+    method: str = "none"
+    key_dir: str = ""
+    key_bits: int = 2048
+    bits: int = 16
+    bound: float = 1.0
+    clip_norm: float = 0.0
+    stochastic: bool = False
+    max_weight: int = 1
+    decryptors: int = 2
+    min_contributors: int = 2
+    noise_sigma_total: float = 0.0
+
+
+@dataclass
 class ExperimentConfig:
     """One federated experiment, as every fedapp component receives it."""
 
@@ -174,6 +202,7 @@ class ExperimentConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "ExperimentConfig":
@@ -241,6 +270,27 @@ class ExperimentConfig:
         _in_range("runtime.superlink_port", r.superlink_port, 1024, 65535, low_open=False, high_open=False)
         _positive_int("runtime.timeout_s", r.timeout_s)
         _validate_privacy(self.privacy)
+        _validate_secagg(self.secagg)
+
+
+def _validate_secagg(sa: SecAggConfig) -> None:
+    """Ranges of the secure-aggregation settings; the layout itself is checked when it is built."""
+    if sa.method not in ("none", "paillier"):
+        raise ConfigError(f"secagg.method must be 'none' or 'paillier', got {sa.method!r}")
+    if sa.method == "none":
+        return
+    if not sa.key_dir:
+        raise ConfigError("secagg.key_dir is empty: make keys with `python -m fedapp.keys generate --dir DIR`")
+    if sa.key_bits < 256 or sa.key_bits % 8:
+        raise ConfigError(f"secagg.key_bits must be a multiple of 8 and >= 256 (2048 for real use), got {sa.key_bits}")
+    _in_range("secagg.bits", sa.bits, 2, 32, low_open=False, high_open=False)
+    if sa.bound <= 0 or sa.clip_norm < 0 or sa.noise_sigma_total < 0:
+        raise ConfigError(
+            f"secagg.bound must be > 0, clip_norm and noise_sigma_total >= 0; got {sa.bound}, {sa.clip_norm}, "
+            f"{sa.noise_sigma_total}"
+        )
+    for key in ("max_weight", "decryptors", "min_contributors"):
+        _positive_int(f"secagg.{key}", getattr(sa, key))
 
 
 def _validate_privacy(pv: PrivacyConfig) -> None:

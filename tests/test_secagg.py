@@ -119,3 +119,28 @@ def test_key_command_gives_the_server_the_public_key_only(tmp_path):
     assert main(["generate", "--dir", str(tmp_path / "clients"), "--public-dir", str(tmp_path / "server"), "--bits", "512"]) == 0
     assert sorted(p.name for p in (tmp_path / "server").iterdir()) == ["paillier_public.json"]
     assert main(["generate", "--dir", str(tmp_path / "clients"), "--bits", "512"]) == 1  # no silent overwrite
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"strategy": {"name": "krum"}}, "only with strategy.name='fedavg'"),
+        ({"strategy": {"name": "trimmedmean"}}, "only with strategy.name='fedavg'"),
+        ({"strategy": {"name": "median"}}, "only with strategy.name='fedavg'"),
+        ({"privacy": {"central": {"enabled": True}}}, "do not combine"),
+    ],
+)
+def test_paillier_with_robust_rules_or_central_dp_is_refused_at_start_up(extra, message):
+    from fedapp.config import ConfigError, ExperimentConfig
+    from fedapp.strategies import check_strategy_config
+
+    cfg = ExperimentConfig.from_dict({"secagg": {"method": "paillier", "key_dir": "keys"}, **extra})
+    with pytest.raises(ConfigError, match=message):
+        check_strategy_config(cfg)
+
+
+def test_paillier_without_key_dir_is_a_config_error():
+    from fedapp.config import ConfigError, ExperimentConfig
+
+    with pytest.raises(ConfigError, match="fedapp.keys generate"):
+        ExperimentConfig.from_dict({"secagg": {"method": "paillier"}})

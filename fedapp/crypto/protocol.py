@@ -18,6 +18,7 @@ Round ``t`` of the protocol:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,19 @@ class SecAggSettings:
     quantizer: Quantizer
     min_contributors: int = 2
     noise_std: float = 0.0
+
+
+def settings_for(secagg: Any, max_clients: int) -> SecAggSettings:
+    """Settings from a :class:`fedapp.config.SecAggConfig` (duck-typed: crypto imports no config)."""
+    import math
+
+    noise_std = secagg.noise_sigma_total / math.sqrt(max_clients) if secagg.noise_sigma_total > 0 else 0.0
+    return SecAggSettings(
+        layout=SlotLayout(bits=secagg.bits, max_clients=max_clients, max_weight=secagg.max_weight, key_bits=secagg.key_bits),
+        quantizer=Quantizer(bound=secagg.bound, bits=secagg.bits, clip_norm=secagg.clip_norm, stochastic=secagg.stochastic),
+        min_contributors=secagg.min_contributors,
+        noise_std=noise_std,
+    )
 
 
 def flatten(arrays: list[np.ndarray]) -> np.ndarray:
