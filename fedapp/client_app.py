@@ -90,7 +90,7 @@ class FedappClient(NumPyClient):
         server_round = int(config.get("server_round", 0))
         torch.manual_seed(self.cfg.seed * 100_003 + server_round * 1_009 + self.partition_id)
         loader = DataLoader(self.train_set, batch_size=self.cfg.client.batch_size, shuffle=True)
-        optimizer = make_optimizer(self.cfg.client, self.model.parameters())
+        optimizer = make_optimizer(self.cfg.client, self.model.parameters(), server_round)
         if self.cfg.privacy.client.enabled:
             return self._fit_private(parameters, loader, optimizer, server_round)
         metrics = train_epochs(

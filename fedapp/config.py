@@ -60,7 +60,12 @@ class ModelConfig:
 
 @dataclass
 class ClientConfig:
-    """Local training on each client."""
+    """Local training on each client.
+
+    ``lr_decay`` multiplies the learning rate once per round (round r trains at
+    ``lr * lr_decay**(r-1)``): under DP-SGD the noise floor, not the step count,
+    limits late rounds, and smaller steps average more noise away.
+    """
 
     local_epochs: int = 1
     batch_size: int = 32
@@ -68,6 +73,7 @@ class ClientConfig:
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
+    lr_decay: float = 1.0
 
 
 @dataclass
@@ -75,7 +81,8 @@ class StrategyConfig:
     """Server-side aggregation rule and client sampling.
 
     ``num_malicious`` is the number of Byzantine clients the robust rules assume;
-    ``num_clients_to_keep`` is Multi-Krum's m; ``beta`` is the trimmed-mean cut per side.
+    ``num_clients_to_keep`` is Multi-Krum's m; ``beta`` is the trimmed-mean cut per side;
+    ``server_lr`` / ``server_momentum`` are FedAvgM's (Hsu et al. 2019).
     """
 
     name: str = "fedavg"
@@ -87,6 +94,8 @@ class StrategyConfig:
     num_malicious: int = 0
     num_clients_to_keep: int = 0
     beta: float = 0.2
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
 
 
 @dataclass
@@ -239,6 +248,9 @@ class ExperimentConfig:
         if c.lr <= 0:
             raise ConfigError(f"client.lr must be > 0, got {c.lr}")
         _in_range("client.momentum", c.momentum, 0.0, 1.0, low_open=False, high_open=True)
+        _in_range("client.lr_decay", c.lr_decay, 0.0, 1.0)
+        _in_range("strategy.server_lr", s.server_lr, 0.0, 10.0)
+        _in_range("strategy.server_momentum", s.server_momentum, 0.0, 1.0, low_open=False, high_open=True)
         if c.weight_decay < 0:
             raise ConfigError(f"client.weight_decay must be >= 0, got {c.weight_decay}")
         _in_range("strategy.fraction_fit", s.fraction_fit, 0.0, 1.0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from flwr.common import NDArrays, Scalar, ndarrays_to_parameters
-from flwr.server.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, Strategy
+from flwr.server.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, Krum, Strategy
 
 from fedapp.config import ConfigError, ExperimentConfig
 from fedapp.dp_strategy import CentralDPAccounting, ClientEpsilonRecording
@@ -35,6 +35,9 @@ def _common(cfg: ExperimentConfig) -> dict[str, Any]:
 
 BASE_STRATEGIES: dict[str, Callable[[ExperimentConfig, dict[str, Any]], Strategy]] = {
     "fedavg": lambda cfg, kw: FedAvg(**kw),
+    "fedavgm": lambda cfg, kw: FedAvgM(
+        server_learning_rate=cfg.strategy.server_lr, server_momentum=cfg.strategy.server_momentum, **kw
+    ),
     "krum": lambda cfg, kw: Krum(num_malicious_clients=cfg.strategy.num_malicious, num_clients_to_keep=0, **kw),
     "multikrum": lambda cfg, kw: Krum(
         num_malicious_clients=cfg.strategy.num_malicious,

@@ -28,12 +28,18 @@ def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def make_optimizer(cfg: ClientConfig, params) -> torch.optim.Optimizer:  # noqa: ANN001 - iterable of tensors
-    """The local optimizer named in ``client.optimizer``."""
+def round_lr(cfg: ClientConfig, server_round: int) -> float:
+    """Learning rate of ``server_round`` (1-based) under ``client.lr_decay``."""
+    return cfg.lr * cfg.lr_decay ** max(0, server_round - 1)
+
+
+def make_optimizer(cfg: ClientConfig, params, server_round: int = 1) -> torch.optim.Optimizer:  # noqa: ANN001
+    """The local optimizer named in ``client.optimizer``, at this round's learning rate."""
+    lr = round_lr(cfg, server_round)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
     raise ConfigError(f"unknown client.optimizer {cfg.optimizer!r}; valid: {list(OPTIMIZERS)}")
 
 

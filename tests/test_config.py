@@ -94,7 +94,7 @@ def test_impossible_values_are_refused_with_the_key_named(raw: dict, message: st
     [
         ({"dataset": {"name": "imagenet"}}, r"unknown dataset 'imagenet'; valid: \['cifar10', 'mnist'"),
         ({"model": {"name": "vgg"}}, r"unknown model 'vgg'; valid"),
-        ({"strategy": {"name": "fedsgd"}}, r"unknown strategy 'fedsgd'; valid: \['fedavg', 'krum', 'median'"),
+        ({"strategy": {"name": "fedsgd"}}, r"unknown strategy 'fedsgd'; valid: \['fedavg', 'fedavgm', 'krum', 'median'"),
         ({"partition": {"name": "zipf"}}, r"unknown partition 'zipf'; valid"),
         ({"client": {"optimizer": "lbfgs"}}, r"unknown client.optimizer 'lbfgs'; valid"),
         (

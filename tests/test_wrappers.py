@@ -88,3 +88,12 @@ def test_weighted_mean_of_client_metrics_ignores_ids() -> None:
     merged = _weighted_mean([(10, {"train_loss": 1.0, "partition_id": 0}), (30, {"train_loss": 3.0, "partition_id": 1})])
 
     assert merged == {"train_loss": pytest.approx(2.5)}
+
+
+def test_learning_rate_decays_once_per_round() -> None:
+    from fedapp.config import ClientConfig
+    from fedapp.training import round_lr
+
+    cfg = ClientConfig(lr=4.0, lr_decay=0.5)
+
+    assert [round_lr(cfg, r) for r in (1, 2, 3)] == [4.0, 2.0, 1.0]
