@@ -268,11 +268,18 @@ def make_private(
     *,
     plan: DPPlan,
     ledger: PrivacyLedger,
+    grad_sample_mode: str = "ew",
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
     """Opacus ``make_private`` with Poisson sampling whose accountant IS ``ledger``'s.
 
     Every optimizer step appends to the ledger, on top of what earlier rounds
     recorded; call ``cleanup()`` on the returned module when done.
+
+    ``grad_sample_mode`` defaults to PyTorch's expanded weights (``"ew"``): the same
+    per-sample gradients as Opacus's hooks (equal to 3e-8 on ``cnn_mnist``) and
+    5-15 % faster on the MNIST CNNs here, which keeps ``cnn_mnist``'s private epoch
+    under 2x the plain one (``simulations/results/dp_epoch.json``); pass ``"hooks"``
+    for layers expanded weights do not support.
     """
     if ledger.mechanism != plan.accountant:
         raise ValueError(f"ledger uses {ledger.mechanism!r} but the plan says {plan.accountant!r}")
@@ -285,6 +292,7 @@ def make_private(
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
         poisson_sampling=True,
+        grad_sample_mode=grad_sample_mode,
         rand_on_empty=True,  # an empty Poisson batch still takes a (noise-only) step, as accounted
     )
     if abs(private_loader.sample_rate - plan.sample_rate) > 1e-12:
@@ -293,7 +301,8 @@ def make_private(
         )
     log(
         INFO,
-        "DP-SGD: sigma=%.4f, C=%.3g, q=%.5f, %d steps/epoch, ledger %s",
+        "DP-SGD (%s): sigma=%.4f, C=%.3g, q=%.5f, %d steps/epoch, ledger %s",
+        grad_sample_mode,
         plan.noise_multiplier,
         plan.max_grad_norm,
         plan.sample_rate,

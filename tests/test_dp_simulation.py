@@ -85,3 +85,24 @@ def test_clients_over_budget_decline_are_excluded_and_training_ends(tmp_path: Pa
     assert {r["round"] for r in trained} == {1, 2}
     for client in ("0", "1", "2"):
         assert PrivacyLedger.load(tmp_path / "ledgers" / f"partition-{client}.json").epsilon(DELTA) <= budget
+
+
+def test_client_and_central_dp_combined_record_both_epsilons(tmp_path: Path) -> None:
+    # Prepare: 2 of 3 clients per round (q = 2/3), central sigma 1.0, client sigma 1.0
+    cfg = dp_experiment(tmp_path, num_rounds=2, client_dp={"noise_multiplier": 1.0})
+    cfg.strategy.fraction_fit = 0.67
+    cfg.privacy.central.enabled = True
+    cfg.privacy.central.delta = DELTA
+    cfg.validate()
+
+    # Execute
+    run_in_simulation(cfg)
+
+    # Assert: 2 of 3 sampled twice means some client trained in both rounds, so the
+    # round-2 maximum is two rounds' client epsilon
+    rows = {r["round"]: r for r in json.loads((Path(cfg.runtime.output_dir) / "metrics.json").read_text())}
+    for rnd in (1, 2):
+        assert rows[rnd]["fit_clients"] == 2
+        assert rows[rnd]["central_epsilon"] == pytest.approx(google_rdp_epsilon(1.0, 2 / 3, rnd), rel=0.01)
+        assert rows[rnd]["epsilon_max"] == pytest.approx(google_rdp_epsilon(1.0, 1 / 12, 12 * rnd), rel=0.01)
+    assert rows[1]["central_epsilon"] < rows[2]["central_epsilon"]

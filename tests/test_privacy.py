@@ -292,3 +292,22 @@ def test_pyproject_privacy_defaults_equal_the_dataclass() -> None:
 
     # Assert
     assert table == asdict(PrivacyConfig())
+
+
+def test_unreachable_target_stops_the_run_in_the_startup_check() -> None:
+    # Prepare: 3 synthetic clients of 360 samples, 50 rounds x 50 epochs at epsilon 0.001
+    from fedapp.components import check_experiment
+
+    cfg = ExperimentConfig.from_dict(
+        {
+            "num_rounds": 50,
+            "dataset": {"name": "synthetic-mnist", "synthetic_train_size": 1200, "synthetic_test_size": 100},
+            "partition": {"num_clients": 3},
+            "client": {"local_epochs": 50, "batch_size": 360},
+            "privacy": {"client": {"enabled": True, "target_epsilon": 1e-3}},
+        }
+    )
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="target_epsilon=0.001 .* cannot be met"):
+        check_experiment(cfg)
