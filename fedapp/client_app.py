@@ -10,11 +10,13 @@ from __future__ import annotations
 from logging import INFO
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.client import ClientApp, NumPyClient
 from flwr.common import ConfigRecord, Context, NDArrays, RecordDict, Scalar, log
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from fedapp.attacks import Attack, AttackContext, attack_rng, malicious_clients, poison_weights, resolve_attack
 from fedapp.components import client_data, new_model
 from fedapp.config import ConfigError, ExperimentConfig
 from fedapp.crypto import PrivateKey, load_private_key
@@ -30,6 +32,7 @@ from fedapp.crypto.protocol import (
     encrypt_update,
     settings_for,
 )
+from fedapp.datasets import dataset_spec
 from fedapp.privacy import PrivacyLedger, make_private, more_spent, plan_client_dp
 from fedapp.runconfig import experiment_from_run_config
 from fedapp.training import evaluate, get_weights, make_optimizer, set_weights, train_epochs
@@ -42,7 +45,10 @@ class FedappClient(NumPyClient):
     """Local SGD (or DP-SGD) on one partition; reports its partition id with every reply.
 
     ``state`` is the node's ``context.state``: with client DP on, the privacy
-    ledger is read from and written back to it every round.
+    ledger is read from and written back to it every round. When this partition
+    is one of the run's simulated attackers (:mod:`fedapp.attacks`), it poisons
+    its labels and/or its update here, on the client; its replies look like any
+    other client's.
     """
 
     def __init__(self, cfg: ExperimentConfig, partition_id: int, state: RecordDict | None = None) -> None:
@@ -51,6 +57,8 @@ class FedappClient(NumPyClient):
         self.state = state if state is not None else RecordDict()
         self.model = new_model(cfg)
         self.train_set, self.val_set = client_data(cfg, partition_id)
+        self.colluders = malicious_clients(cfg.attack, cfg.partition.num_clients)
+        self.attack = resolve_attack(cfg.attack.name) if partition_id in self.colluders else None
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
         return get_weights(self.model)
@@ -58,7 +66,10 @@ class FedappClient(NumPyClient):
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         if config.get(SECAGG_MODE) == MODE_DECRYPT:
             return self._decrypt_aggregate(parameters, config)
-        new, num_examples, metrics = self._train(parameters, config)
+        ctx = None if self.attack is None else self._attack_context(parameters, int(config.get("server_round", 0)))
+        new, num_examples, metrics = self._train(parameters, config, ctx)
+        if ctx is not None and not metrics.get(DECLINED_KEY):  # a decline is not an update: nothing to poison
+            new = poison_weights(self.attack, parameters, new, ctx)
         if config.get(SECAGG_MODE) == MODE_ENCRYPT and not metrics.get(DECLINED_KEY):
             new = self._encrypt_update(parameters, new, config)
         return new, num_examples, metrics
@@ -85,17 +96,39 @@ class FedappClient(NumPyClient):
         )
         return arrays, 0, {CLIENT_ID_KEY: self.partition_id, SECAGG_TOTAL_WEIGHT: weight}
 
-    def _train(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+    def _attack_context(self, parameters: NDArrays, server_round: int) -> AttackContext:
+        """What this malicious client knows this round; colluders' updates are trained on demand."""
+
+        def honest_update_of(pid: int) -> NDArrays:
+            model = new_model(self.cfg)
+            set_weights(model, parameters)
+            local_sgd(self.cfg, model, client_data(self.cfg, pid)[0], server_round, pid)
+            new = get_weights(model)
+            return [n - o for n, o in zip(new, parameters) if np.issubdtype(o.dtype, np.floating)]
+
+        return AttackContext(
+            partition_id=self.partition_id,
+            server_round=server_round,
+            malicious=self.colluders,
+            num_clients=self.cfg.partition.num_clients,
+            num_classes=dataset_spec(self.cfg.dataset.name).num_classes,
+            config=self.cfg.attack,
+            rng=attack_rng(self.cfg.attack, server_round, self.partition_id),
+            honest_update_of=honest_update_of,
+        )
+
+    def _train(
+        self, parameters: NDArrays, config: dict[str, Scalar], ctx: AttackContext | None = None
+    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         set_weights(self.model, parameters)
         server_round = int(config.get("server_round", 0))
-        torch.manual_seed(self.cfg.seed * 100_003 + server_round * 1_009 + self.partition_id)
-        loader = DataLoader(self.train_set, batch_size=self.cfg.client.batch_size, shuffle=True)
-        optimizer = make_optimizer(self.cfg.client, self.model.parameters(), server_round)
+        train_set = self.train_set if ctx is None else poisoned_labels(self.train_set, self.attack, ctx)
         if self.cfg.privacy.client.enabled:
+            torch.manual_seed(train_seed(self.cfg, server_round, self.partition_id))
+            loader = DataLoader(train_set, batch_size=self.cfg.client.batch_size, shuffle=True)
+            optimizer = make_optimizer(self.cfg.client, self.model.parameters(), server_round)
             return self._fit_private(parameters, loader, optimizer, server_round)
-        metrics = train_epochs(
-            self.model, loader, optimizer, self.cfg.client.local_epochs, device=self.cfg.runtime.device
-        )
+        metrics = local_sgd(self.cfg, self.model, train_set, server_round, self.partition_id)
         return get_weights(self.model), len(self.train_set), {CLIENT_ID_KEY: self.partition_id, **metrics}
 
     def _fit_private(
@@ -188,6 +221,37 @@ class FedappClient(NumPyClient):
             return 0.0, 0, {CLIENT_ID_KEY: self.partition_id}
         loss, acc = evaluate(self.model, self.val_set, self.cfg.runtime.eval_batch_size, self.cfg.runtime.device)
         return loss, len(self.val_set), {CLIENT_ID_KEY: self.partition_id, "accuracy": acc}
+
+
+def train_seed(cfg: ExperimentConfig, server_round: int, partition_id: int) -> int:
+    """Seed of a client's shuffling in a round (colluders recompute each other's updates with it)."""
+    return cfg.seed * 100_003 + server_round * 1_009 + partition_id
+
+
+def local_sgd(
+    cfg: ExperimentConfig, model: torch.nn.Module, train_set: Dataset, server_round: int, partition_id: int
+) -> dict[str, float]:
+    """Plain local training of ``partition_id`` in ``server_round``, seeded so that it repeats exactly."""
+    torch.manual_seed(train_seed(cfg, server_round, partition_id))
+    loader = DataLoader(train_set, batch_size=cfg.client.batch_size, shuffle=True)
+    optimizer = make_optimizer(cfg.client, model.parameters(), server_round)
+    return train_epochs(model, loader, optimizer, cfg.client.local_epochs, device=cfg.runtime.device)
+
+
+def poisoned_labels(train_set: Subset, attack: Attack, ctx: AttackContext) -> Dataset:
+    """``train_set`` with the labels ``attack.poison_labels`` returns (same images; unchanged: same set)."""
+    base = train_set.dataset
+    if not isinstance(base, TensorDataset):
+        raise TypeError(f"label poisoning needs a Subset of a TensorDataset, got {type(base).__name__}")
+    idx = torch.as_tensor(train_set.indices, dtype=torch.long)
+    y = base.tensors[1][idx]
+    honest = y.numpy()
+    labels = np.asarray(attack.poison_labels(honest.copy(), ctx))
+    if labels.shape != honest.shape:
+        raise ValueError(f"{attack!r}.poison_labels returned shape {labels.shape}, expected {honest.shape}")
+    if np.array_equal(labels, honest):  # a pure model-poisoning attack: train on the set as it is
+        return train_set
+    return TensorDataset(base.tensors[0][idx], torch.as_tensor(labels, dtype=y.dtype))
 
 
 def ledger_state_to_record(state: dict) -> ConfigRecord:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
+from fedapp.attacks import resolve_attack
 from fedapp.config import ConfigError, ExperimentConfig
 from fedapp.datasets import dataset_spec, labels_of, load_dataset
 from fedapp.models import build_model, check_model
@@ -33,6 +34,7 @@ def check_experiment(cfg: ExperimentConfig, *, load_data: bool = True) -> None:
         raise ConfigError(f"unknown client.optimizer {cfg.client.optimizer!r}; valid: {list(OPTIMIZERS)}")
     check_partition_config(cfg.partition)
     check_strategy_config(cfg)
+    resolve_attack(cfg.attack.name)  # an unknown name or a dotted path that does not import fails here
     new_model(cfg)  # a model DP-SGD cannot train fails here, with Opacus's reasons
     if load_data:
         train, _ = load_dataset(cfg.dataset)

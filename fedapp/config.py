@@ -198,6 +198,62 @@ class SecAggConfig:
 
 
 @dataclass
+class AttackConfig:
+    """Simulated Byzantine clients (:mod:`fedapp.attacks`); the attack runs on those clients.
+
+    ``name`` is ``none``, a registered attack (``signflip``, ``gaussian``,
+    ``labelflip``, ``scaling``, ``alie``) or a dotted path ``pkg.mod:attr`` to
+    your own. Malicious clients: ``clients`` (partition ids separated by commas
+    or spaces, e.g. ``"0,3"``; a string because Flower's run config holds no
+    lists) or else ``floor(fraction x partition.num_clients)`` ids drawn with
+    ``seed``. ``scale``: the scaling attack's boost; ``sigma``: the Gaussian
+    attack's noise std; ``z``: ALIE's z (0 = the paper's z_max for n and m).
+    """
+
+    name: str = "none"
+    fraction: float = 0.0
+    clients: str = ""
+    seed: int = 0
+    scale: float = 10.0
+    sigma: float = 1.0
+    z: float = 0.0
+
+    def client_ids(self) -> tuple[int, ...]:
+        """``clients`` parsed; a :class:`ConfigError` names anything that is not an id."""
+        tokens = self.clients.replace(",", " ").split()
+        try:
+            ids = tuple(int(t) for t in tokens)
+        except ValueError:
+            raise ConfigError(
+                f"attack.clients must be partition ids separated by commas, e.g. '0,3', got {self.clients!r}"
+            ) from None
+        if len(set(ids)) != len(ids) or any(i < 0 for i in ids):
+            raise ConfigError(f"attack.clients must be distinct ids >= 0, got {self.clients!r}")
+        return ids
+
+
+@dataclass
+class DefenseConfig:
+    """Server-side anomaly detection, reputation and quarantine (:mod:`fedapp.robustness`).
+
+    ``name`` is ``none`` or ``detect``. A client is flagged in a round when one
+    of its robust z-scores (update norm, cosine to the median update, Krum
+    score) passes ``threshold``; its reputation is an exponential moving average
+    (weight ``reputation_weight`` on the newest round) of 1 = clean, 0 =
+    flagged, starting at 1; below ``quarantine_below`` it is quarantined (not
+    sampled) and released on probation after ``release_after`` rounds (0 =
+    never). ``drop_flagged`` leaves flagged updates out of that round's aggregate.
+    """
+
+    name: str = "none"
+    threshold: float = 3.0
+    reputation_weight: float = 0.5
+    quarantine_below: float = 0.4
+    release_after: int = 5
+    drop_flagged: bool = True
+
+
+@dataclass
 class ExperimentConfig:
     """One federated experiment, as every fedapp component receives it."""
 
@@ -212,6 +268,8 @@ class ExperimentConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "ExperimentConfig":
@@ -283,6 +341,32 @@ class ExperimentConfig:
         _positive_int("runtime.timeout_s", r.timeout_s)
         _validate_privacy(self.privacy)
         _validate_secagg(self.secagg)
+        _validate_robustness(self.attack, self.defense, p.num_clients)
+
+
+def _validate_robustness(a: AttackConfig, d: DefenseConfig, num_clients: int) -> None:
+    """Ranges of the attack and defense settings; names are resolved by the check before a run."""
+    _in_range("attack.fraction", a.fraction, 0.0, 1.0, low_open=False, high_open=True)
+    ids = a.client_ids()
+    if any(i >= num_clients for i in ids):
+        raise ConfigError(f"attack.clients {a.clients!r} names ids outside [0, {num_clients}) (partition.num_clients)")
+    if len(ids) >= num_clients:
+        raise ConfigError(f"attack.clients {a.clients!r} makes every client malicious; leave at least one honest")
+    if a.name != "none" and not ids and int(round(a.fraction * num_clients, 6)) == 0:
+        raise ConfigError(
+            f"attack.name={a.name!r} but no client is malicious: attack.fraction={a.fraction} of "
+            f"{num_clients} clients rounds down to 0; raise attack.fraction or list attack.clients"
+        )
+    if a.scale <= 0 or a.sigma <= 0 or a.z < 0:
+        raise ConfigError(f"attack.scale and attack.sigma must be > 0, attack.z >= 0; got {a.scale}, {a.sigma}, {a.z}")
+    if d.name not in ("none", "detect"):
+        raise ConfigError(f"defense.name must be 'none' or 'detect', got {d.name!r}")
+    if d.threshold <= 0:
+        raise ConfigError(f"defense.threshold must be > 0 (a robust z-score), got {d.threshold}")
+    _in_range("defense.reputation_weight", d.reputation_weight, 0.0, 1.0)
+    _in_range("defense.quarantine_below", d.quarantine_below, 0.0, 1.0, low_open=False, high_open=True)
+    if d.release_after < 0:
+        raise ConfigError(f"defense.release_after must be >= 0 (0 = never release), got {d.release_after}")
 
 
 def _validate_secagg(sa: SecAggConfig) -> None:

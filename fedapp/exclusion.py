@@ -54,6 +54,10 @@ class ExclusionList:
         self._entries[entry.node_id] = entry
         return True
 
+    def remove(self, node_id: str) -> Exclusion | None:
+        """Let ``node_id`` be sampled again (a released quarantine); its entry, or None."""
+        return self._entries.pop(node_id, None)
+
     def __contains__(self, node_id: object) -> bool:
         return node_id in self._entries
 

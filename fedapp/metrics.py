@@ -5,7 +5,8 @@ interrupted run still leaves what it measured):
 
 - ``metrics.json`` / ``metrics.csv``: one row per round (round 0 = initial model);
 - ``clients.jsonl``: one line per client per round (what each client reported);
-- ``events.jsonl``: decisions with their reason (rejected updates, exclusions, ...).
+- ``events.jsonl``: decisions with their reason (rejected updates, exclusions, ...);
+- ``scores.jsonl``: one line per scored client update per round (anomaly detection).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class RunRecorder:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.rows: dict[int, dict[str, Any]] = {}
         self._round_started: dict[int, float] = {}
-        for name in ("clients.jsonl", "events.jsonl"):
+        for name in ("clients.jsonl", "events.jsonl", "scores.jsonl"):
             (self.output_dir / name).unlink(missing_ok=True)
 
     def round_started(self, server_round: int) -> None:
@@ -45,6 +46,10 @@ class RunRecorder:
     def client(self, server_round: int, client: str, **fields: Any) -> None:
         """Append what one client reported in one round."""
         self._append("clients.jsonl", {"round": server_round, "client": client, **fields})
+
+    def score(self, server_round: int, client: str, **fields: Any) -> None:
+        """Append how the server scored one client's update in one round."""
+        self._append("scores.jsonl", {"round": server_round, "client": client, **fields})
 
     def event(self, kind: str, server_round: int, reason: str, **fields: Any) -> None:
         """Append one decision with the reason it was taken."""

@@ -16,6 +16,7 @@ from flwr.common import Context, NDArrays, Scalar, log
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 
+from fedapp.attacks import malicious_clients
 from fedapp.components import check_experiment, new_model, test_data
 from fedapp.config import ExperimentConfig
 from fedapp.metrics import RunRecorder
@@ -49,6 +50,12 @@ def run_experiment(grid: Grid, context: Context, cfg: ExperimentConfig) -> dict:
     out = Path(cfg.runtime.output_dir)
     recorder = RunRecorder(out)
     (out / "experiment.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    attackers = malicious_clients(cfg.attack, cfg.partition.num_clients)
+    if attackers:  # ground truth for evaluating the defences; no server decision reads it
+        recorder.event(
+            "attack_ground_truth", 0, f"simulated {cfg.attack.name} attackers (evaluation only)",
+            attack=cfg.attack.name, malicious=[str(pid) for pid in attackers],
+        )
     strategy = build_strategy(
         cfg,
         initial_parameters=get_weights(new_model(cfg)),

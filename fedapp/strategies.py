@@ -13,10 +13,12 @@ from typing import Any, Callable
 from flwr.common import NDArrays, Scalar, ndarrays_to_parameters
 from flwr.server.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, Krum, Strategy
 
+from fedapp.attacks import malicious_clients
 from fedapp.config import ConfigError, ExperimentConfig
 from fedapp.dp_strategy import CentralDPAccounting, ClientEpsilonRecording
-from fedapp.exclusion import ClientExclusion
+from fedapp.exclusion import ClientExclusion, ExclusionList
 from fedapp.metrics import RunRecorder
+from fedapp.robustness import AnomalyQuarantine
 from fedapp.wrappers import MetricsRecording, UpdateValidation
 
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
@@ -87,6 +89,16 @@ def check_strategy_config(cfg: ExperimentConfig) -> None:
                 "update on the server, which never sees one; use secagg.noise_sigma_total (distributed DP) "
                 "or client DP-SGD instead"
             )
+    if cfg.defense.name == "detect" and cfg.secagg.method == "paillier":
+        raise ConfigError(
+            "defense.name='detect' does not combine with secagg.method='paillier': the detector scores "
+            "each client's update, and the server only ever sees their encrypted sum"
+        )
+    if cfg.defense.name == "detect" and cfg.privacy.central.enabled:
+        raise ConfigError(
+            "defense.name='detect' does not combine with privacy.central.enabled: dropping flagged "
+            "updates changes how many updates the central-DP noise is calibrated for"
+        )
     if cfg.privacy.central.enabled and s.name != "fedavg":
         raise ConfigError(
             f"privacy.central.enabled works only with strategy.name='fedavg', got {s.name!r}: central DP "
@@ -106,7 +118,9 @@ def build_strategy(
     """Base rule from ``strategy.name``, wrapped with privacy, validation, exclusion and recording.
 
     Outermost first: recording, client exclusion (declined replies never reach
-    validation), client-epsilon recording, update validation, central DP, base rule.
+    validation), client-epsilon recording, update validation, anomaly detection
+    and quarantine (scores only well-formed updates; shares the exclusion list),
+    central DP, base rule.
     """
     check_strategy_config(cfg)
     kwargs = _common(cfg) | {
@@ -129,6 +143,23 @@ def build_strategy(
             delta=central.delta,
             recorder=recorder,
         )
+    excluded = ExclusionList()
+    if cfg.defense.name == "detect":
+        d = cfg.defense
+        strategy = AnomalyQuarantine(
+            strategy,
+            min_fit_clients=cfg.strategy.min_fit_clients,
+            threshold=d.threshold,
+            reputation_weight=d.reputation_weight,
+            quarantine_below=d.quarantine_below,
+            release_after=d.release_after,
+            drop_flagged=d.drop_flagged,
+            num_malicious=cfg.strategy.num_malicious,
+            excluded=excluded,
+            recorder=recorder,
+            # evaluation only: precision/recall in the round rows, never a decision
+            ground_truth={str(pid) for pid in malicious_clients(cfg.attack, cfg.partition.num_clients)},
+        )
     if cfg.secagg.method == "paillier":
         # Ciphertexts are validated by the wrapper itself (round, key, replay, length).
         strategy = _paillier(cfg, strategy)
@@ -136,7 +167,9 @@ def build_strategy(
         strategy = UpdateValidation(strategy, recorder)
     if cfg.privacy.client.enabled:
         strategy = ClientEpsilonRecording(strategy, recorder)
-    strategy = ClientExclusion(strategy, min_fit_clients=cfg.strategy.min_fit_clients, recorder=recorder)
+    strategy = ClientExclusion(
+        strategy, min_fit_clients=cfg.strategy.min_fit_clients, recorder=recorder, excluded=excluded
+    )
     return MetricsRecording(strategy, recorder)
 
 
