@@ -8,6 +8,8 @@ from typing import Any
 
 import matplotlib
 
+from fedapp.metrics import read_jsonl
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -38,6 +40,29 @@ def plot_rounds(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_epsilon(clients: list[dict[str, Any]], rows: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Cumulative epsilon per client per round (DP-SGD ledger) and the central epsilon, if any."""
+    per_client: dict[str, list[tuple[int, float]]] = {}
+    for rec in clients:
+        if rec.get("epsilon") is not None:
+            per_client.setdefault(str(rec["client"]), []).append((rec["round"], rec["epsilon"]))
+    central = [(r["round"], r["central_epsilon"]) for r in rows if r.get("central_epsilon") is not None]
+    if not per_client and not central:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for client, pts in sorted(per_client.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else kv[0]):
+        ax.plot(*zip(*sorted(pts)), marker=".", lw=1, label=f"client {client}")
+    if central:
+        ax.plot(*zip(*central), color="black", lw=2, ls="--", label="central (user-level)")
+    ax.set(xlabel="round", ylabel="cumulative epsilon", title="Privacy spent (whole run so far)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 def summarize(rows: list[dict[str, Any]], target: float = 0.99) -> dict[str, Any]:
@@ -80,7 +105,83 @@ def write_report(rows: list[dict[str, Any]], output_dir: str | Path, title: str 
     """``summary.json`` and ``rounds.png`` in ``output_dir``; returns the summary."""
     out = Path(output_dir)
     summary = summarize(rows)
+    clients = read_jsonl(out / "clients.jsonl")
+    epsilons: dict[str, float] = {}
+    for rec in clients:
+        if rec.get("epsilon") is not None:
+            epsilons[str(rec["client"])] = max(epsilons.get(str(rec["client"]), 0.0), rec["epsilon"])
+    if epsilons:
+        summary["final_epsilon_per_client"] = dict(sorted(epsilons.items()))
+        summary["final_epsilon_max"] = max(epsilons.values())
+    central = [r["central_epsilon"] for r in rows if r.get("central_epsilon") is not None]
+    if central:
+        summary["final_central_epsilon"] = central[-1]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if rows:
         plot_rounds(rows, out / "rounds.png", title)
+        plot_epsilon(clients, rows, out / "epsilon.png")
     return summary
+
+
+def privacy_utility_rows(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
+    """One row per finished run: epsilon spent (max over clients), accuracy, noise, time.
+
+    Reads only what the runs wrote (``experiment.json``, ``summary.json``,
+    ``clients.jsonl``), so it works on a benchmark's runs and on a Hydra sweep alike.
+    """
+    rows = []
+    for run_dir in map(Path, run_dirs):
+        summary_file = run_dir / "summary.json"
+        if not summary_file.exists():
+            continue
+        summary = json.loads(summary_file.read_text())
+        experiment = json.loads((run_dir / "experiment.json").read_text())
+        client_dp = experiment.get("privacy", {}).get("client", {})
+        sigmas = {r.get("noise_multiplier") for r in read_jsonl(run_dir / "clients.jsonl")} - {None}
+        rows.append(
+            {
+                "run": str(run_dir),
+                "dp": bool(client_dp.get("enabled")),
+                "target_epsilon": client_dp.get("target_epsilon") if client_dp.get("enabled") else None,
+                "epsilon_spent": summary.get("final_epsilon_max"),
+                "delta": client_dp.get("delta") if client_dp.get("enabled") else None,
+                "noise_multiplier": max(sigmas) if sigmas else None,
+                "final_test_accuracy": summary.get("final_test_accuracy"),
+                "rounds": summary.get("rounds"),
+                "mean_round_time_s": summary.get("mean_round_time_s"),
+            }
+        )
+    return sorted(rows, key=lambda r: (not r["dp"], r["epsilon_spent"] or 0.0))
+
+
+def format_privacy_utility(rows: list[dict[str, Any]]) -> str:
+    """Fixed-width privacy-utility table."""
+    lines = [f"{'epsilon spent':>13}  {'sigma':>7}  {'test acc %':>10}  {'rounds':>6}  {'s/round':>7}"]
+    for r in rows:
+        eps = f"{r['epsilon_spent']:.3f}" if r["dp"] and r["epsilon_spent"] is not None else "no DP"
+        sigma = f"{r['noise_multiplier']:.3f}" if r["noise_multiplier"] else "-"
+        acc = 100 * (r["final_test_accuracy"] or float("nan"))
+        secs = r["mean_round_time_s"] or float("nan")
+        lines.append(f"{eps:>13}  {sigma:>7}  {acc:>10.2f}  {r['rounds']:>6}  {secs:>7.1f}")
+    return "\n".join(lines)
+
+
+def plot_privacy_utility(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Test accuracy against the epsilon each client spent over the whole run."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dp = [(r["epsilon_spent"], 100 * r["final_test_accuracy"]) for r in rows if r["dp"] and r["epsilon_spent"]]
+    if dp:
+        ax.plot(*zip(*sorted(dp)), marker="o", label="DP-SGD (cumulative epsilon per client)")
+        for eps, acc in dp:
+            ax.annotate(f"{acc:.1f}", (eps, acc), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    for r in rows:
+        if not r["dp"] and r["final_test_accuracy"] is not None:
+            ax.axhline(100 * r["final_test_accuracy"], ls="--", color="gray", label="no DP")
+    ax.set_xscale("log")
+    ax.set(xlabel="epsilon (delta = 1e-5), whole run", ylabel="test accuracy (%)", title=title or "Privacy vs utility")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

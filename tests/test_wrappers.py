@@ -97,3 +97,23 @@ def test_learning_rate_decays_once_per_round() -> None:
     cfg = ClientConfig(lr=4.0, lr_decay=0.5)
 
     assert [round_lr(cfg, r) for r in (1, 2, 3)] == [4.0, 2.0, 1.0]
+
+
+def test_privacy_utility_rows_read_epsilon_from_the_client_ledgers(tmp_path: Path) -> None:
+    from fedapp.report import privacy_utility_rows, write_report
+
+    run = tmp_path / "eps"
+    recorder = RunRecorder(run)
+    for rnd, eps in ((1, 0.8), (2, 1.3)):
+        for client in ("0", "1"):
+            recorder.client(rnd, client, epsilon=eps + (0.1 if client == "1" else 0.0), noise_multiplier=2.5)
+        recorder.record(rnd, test_accuracy=0.9 + rnd / 100, test_loss=0.3)
+    (run / "experiment.json").write_text(json.dumps({"privacy": {"client": {"enabled": True, "target_epsilon": 1.5, "delta": 1e-5}}}))
+
+    summary = write_report(recorder.table(), run)
+    rows = privacy_utility_rows([run])
+
+    assert summary["final_epsilon_max"] == pytest.approx(1.4)
+    assert summary["final_epsilon_per_client"] == {"0": pytest.approx(1.3), "1": pytest.approx(1.4)}
+    assert rows[0]["epsilon_spent"] == pytest.approx(1.4) and rows[0]["final_test_accuracy"] == pytest.approx(0.92)
+    assert (run / "epsilon.png").stat().st_size > 0
