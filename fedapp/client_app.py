@@ -3,23 +3,33 @@
 Nothing that must survive between rounds is kept on the client object: in a
 deployment each message starts the ClientApp in a new process, so per-client
 state belongs in ``context.state`` (Flower keeps it on the SuperNode).
+
+Secure aggregation on the client: Paillier is done inside :class:`FedappClient`
+(encrypt the update; decrypt the sum when asked); SecAgg+ is Flower's
+``secaggplus_mod`` around the whole client (see :func:`secagg_mod`), so it
+masks exactly what ``fit`` returns -- after local DP-SGD and after any
+simulated attack, as a real client's reply would be.
 """
 
 from __future__ import annotations
 
-from logging import INFO
+import os
+import threading
+from logging import INFO, WARNING
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from flwr.client import ClientApp, NumPyClient
-from flwr.common import ConfigRecord, Context, NDArrays, RecordDict, Scalar, log
+from flwr.client.mod import secaggplus_mod
+from flwr.common import ConfigRecord, Context, Message, NDArrays, RecordDict, Scalar, log
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from fedapp.attacks import Attack, AttackContext, attack_rng, malicious_clients, poison_weights, resolve_attack
 from fedapp.components import client_data, new_model
 from fedapp.config import ConfigError, ExperimentConfig
-from fedapp.crypto import PrivateKey, load_private_key
+from fedapp.crypto import ObfuscatorPool, PrivateKey, load_private_key
 from fedapp.crypto.protocol import (
     MODE_DECRYPT,
     MODE_ENCRYPT,
@@ -38,6 +48,7 @@ from fedapp.runconfig import experiment_from_run_config
 from fedapp.training import evaluate, get_weights, make_optimizer, set_weights, train_epochs
 from fedapp.wrappers import CLIENT_ID_KEY, DECLINED_KEY, EPSILON_KEY, REASON_CODE_KEY, REASON_KEY
 
+NextHandler = Callable[[Message, Context], Message]  # what a client mod calls to go on
 LEDGER_STATE_KEY = "fedapp.privacy.ledger"  # where a client's DP ledger lives in context.state
 
 
@@ -83,10 +94,20 @@ class FedappClient(NumPyClient):
         private_key, settings = self._secagg()
         if config.get(SECAGG_KEY_ID) != private_key.key_id:
             raise ValueError(f"server asks for key {config.get(SECAGG_KEY_ID)}, this client holds {private_key.key_id}")
-        return encrypt_update(
+        pool_path = self._pool_path()
+        pool = take_pool(pool_path, private_key) if pool_path is not None else None
+        encrypted = encrypt_update(
             old, new, server_round=int(config[SECAGG_ROUND]), sender=str(self.partition_id),
-            public_key=private_key.public_key, settings=settings, private_key=private_key,
+            public_key=private_key.public_key, settings=settings, private_key=private_key, pool=pool,
         )
+        if pool_path is not None:
+            needed = settings.layout.num_ciphertexts(int(sum(a.size for a in old)))
+            refill_pool_in_background(pool_path, private_key, needed)
+        return encrypted
+
+    def _pool_path(self) -> Path | None:
+        pool_dir = self.cfg.secagg.pool_dir
+        return Path(pool_dir) / f"partition-{self.partition_id}.pool" if pool_dir else None
 
     def _decrypt_aggregate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """Decryptor step: the round's encrypted sum in, the plaintext sum and its weight out."""
@@ -223,6 +244,48 @@ class FedappClient(NumPyClient):
         return loss, len(self.val_set), {CLIENT_ID_KEY: self.partition_id, "accuracy": acc}
 
 
+def take_pool(path: Path, private_key: PrivateKey) -> ObfuscatorPool | None:
+    """The precomputed obfuscators at ``path``, removed from disk first so none is ever used twice.
+
+    ``None`` when there is none yet (first round, or the refill of the last
+    round is still running): the caller then computes obfuscators online.
+    """
+    claimed = path.with_suffix(".taking")
+    try:
+        os.replace(path, claimed)  # atomic: a refill writing a new file cannot hand out the same values
+    except FileNotFoundError:
+        return None
+    try:
+        return ObfuscatorPool.load(claimed, private_key.public_key)
+    except (ValueError, KeyError) as err:  # another key, or a torn file: never fatal, just slower
+        log(WARNING, "Ignoring obfuscator pool %s: %s", path, err)
+        return None
+    finally:
+        claimed.unlink(missing_ok=True)
+
+
+def refill_pool_in_background(path: Path, private_key: PrivateKey, count: int) -> threading.Thread:
+    """Compute next round's ``count`` obfuscators after this reply, in a thread, and save them to ``path``.
+
+    Off the round's critical path only when the client has a spare core between
+    rounds; in a simulation on few cores the thread competes with the other
+    clients' training (see docs/secure_aggregation.md). Non-daemon, so a
+    ClientApp process that ends after its reply still finishes the file.
+    """
+
+    def fill() -> None:
+        pool = ObfuscatorPool(private_key.public_key)
+        pool.fill(count, private_key=private_key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        pool.save(partial)  # mode 0600: an obfuscator decrypts its ciphertext
+        os.replace(partial, path)
+
+    thread = threading.Thread(target=fill, name=f"obfuscator-pool-{path.stem}", daemon=False)
+    thread.start()
+    return thread
+
+
 def train_seed(cfg: ExperimentConfig, server_round: int, partition_id: int) -> int:
     """Seed of a client's shuffling in a round (colluders recompute each other's updates with it)."""
     return cfg.seed * 100_003 + server_round * 1_009 + partition_id
@@ -293,12 +356,25 @@ def partition_id_of(context: Context, cfg: ExperimentConfig) -> int:
 def make_client_app(cfg: ExperimentConfig | None = None) -> ClientApp:
     """A ClientApp for ``cfg`` or, when ``None``, for the run's ``run_config``."""
 
+    def experiment_of(context: Context) -> ExperimentConfig:
+        return cfg if cfg is not None else experiment_from_run_config(context.run_config)
+
     def client_fn(context: Context):  # noqa: ANN202 - flwr.client.Client
-        experiment = cfg if cfg is not None else experiment_from_run_config(context.run_config)
+        experiment = experiment_of(context)
         torch.set_num_threads(max(1, int(experiment.runtime.num_cpus_per_client)))
         return FedappClient(experiment, partition_id_of(context, experiment), context.state).to_client()
 
-    return ClientApp(client_fn=client_fn)
+    def secagg_mod(msg: Message, context: Context, call_next: NextHandler) -> Message:
+        """Flower's ``secaggplus_mod`` when the experiment says ``secagg.method=secaggplus``.
+
+        Decided per message because under ``flwr run`` the configuration only
+        arrives with the run (``context.run_config``), after the app is built.
+        """
+        if experiment_of(context).secagg.method == "secaggplus":
+            return secaggplus_mod(msg, context, call_next)
+        return call_next(msg, context)
+
+    return ClientApp(client_fn=client_fn, mods=[secagg_mod])
 
 
 app = make_client_app()

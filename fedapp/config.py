@@ -171,9 +171,9 @@ class PrivacyConfig:
 
 @dataclass
 class SecAggConfig:
-    """Secure aggregation: ``method`` is ``none`` or ``paillier`` (FedAvg only).
+    """Secure aggregation: ``method`` is ``none``, ``paillier`` (FedAvg only) or ``secaggplus``.
 
-    Clients share a Paillier key pair made by ``python -m fedapp.keys generate``;
+    Paillier: clients share a key pair made by ``python -m fedapp.keys generate``;
     ``key_dir`` holds the public key on the server and both keys on the clients.
     Each client clips its update (L2 ``clip_norm``, 0 = off; then every
     coordinate to ``[-bound, bound]``), quantises it to ``bits`` bits and packs
@@ -181,7 +181,20 @@ class SecAggConfig:
     headroom, more bytes). ``decryptors`` clients decrypt the sum and must
     agree; a decryptor refuses sums of fewer than ``min_contributors`` clients.
     ``noise_sigma_total`` > 0 adds distributed DP noise: each client
-    ``N(0, sigma^2 / n)`` so the sum carries ``sigma``.
+    ``N(0, sigma^2 / n)`` so the sum carries ``sigma``. ``pool_dir`` (empty =
+    off) lets each client precompute the next round's obfuscators in the
+    background after it replied, kept there (mode 0600: as secret as the key).
+
+    SecAgg+ (Flower's ``secaggplus_mod`` + ``SecAggPlusWorkflow``; no shared
+    key): each client's mask seeds are Shamir-shared with ``num_shares``
+    neighbours (<= 1: that fraction of the round's clients; > 1: a count),
+    ``reconstruction_threshold`` of them (<= 1: fraction of ``num_shares``)
+    are needed to unmask, so up to ``num_shares - threshold`` neighbours may
+    drop out. Parameters (not updates) are clipped to ``[-clipping_range,
+    clipping_range]`` and quantised to ``quantization_range`` levels; each is
+    weighted by ``num_examples / max_num_examples`` (Flower's ``max_weight``:
+    keep it >= the largest client's sample count). ``timeout_s`` > 0 treats
+    replies later than that as dropouts (0 = wait for all).
     """
 
     method: str = "none"
@@ -195,6 +208,13 @@ class SecAggConfig:
     decryptors: int = 2
     min_contributors: int = 2
     noise_sigma_total: float = 0.0
+    pool_dir: str = ""
+    num_shares: float = 1.0
+    reconstruction_threshold: float = 0.7
+    clipping_range: float = 8.0
+    quantization_range: int = 4194304
+    max_num_examples: int = 10000
+    timeout_s: float = 0.0
 
 
 @dataclass
@@ -340,7 +360,7 @@ class ExperimentConfig:
         _in_range("runtime.superlink_port", r.superlink_port, 1024, 65535, low_open=False, high_open=False)
         _positive_int("runtime.timeout_s", r.timeout_s)
         _validate_privacy(self.privacy)
-        _validate_secagg(self.secagg)
+        _validate_secagg(self.secagg, p.num_clients)
         _validate_robustness(self.attack, self.defense, p.num_clients)
 
 
@@ -369,12 +389,21 @@ def _validate_robustness(a: AttackConfig, d: DefenseConfig, num_clients: int) ->
         raise ConfigError(f"defense.release_after must be >= 0 (0 = never release), got {d.release_after}")
 
 
-def _validate_secagg(sa: SecAggConfig) -> None:
+def _validate_secagg(sa: SecAggConfig, num_clients: int) -> None:
     """Ranges of the secure-aggregation settings; the layout itself is checked when it is built."""
-    if sa.method not in ("none", "paillier"):
-        raise ConfigError(f"secagg.method must be 'none' or 'paillier', got {sa.method!r}")
-    if sa.method == "none":
-        return
+    if sa.method not in SECAGG_METHODS:
+        raise ConfigError(f"secagg.method must be one of {list(SECAGG_METHODS)}, got {sa.method!r}")
+    if sa.method == "paillier":
+        _validate_paillier(sa)
+    elif sa.method == "secaggplus":
+        _validate_secaggplus(sa, num_clients)
+
+
+SECAGG_METHODS = ("none", "paillier", "secaggplus")
+SECAGGPLUS_MODULUS = 2**32  # Flower's modulus_range: masks and sums live modulo this
+
+
+def _validate_paillier(sa: SecAggConfig) -> None:
     if not sa.key_dir:
         raise ConfigError("secagg.key_dir is empty: make keys with `python -m fedapp.keys generate --dir DIR`")
     if sa.key_bits < 256 or sa.key_bits % 8:
@@ -387,6 +416,33 @@ def _validate_secagg(sa: SecAggConfig) -> None:
         )
     for key in ("max_weight", "decryptors", "min_contributors"):
         _positive_int(f"secagg.{key}", getattr(sa, key))
+
+
+def _validate_secaggplus(sa: SecAggConfig, num_clients: int) -> None:
+    """Flower's SecAgg+ parameter rules, checked here so a bad value fails before Ray starts."""
+    if sa.num_shares <= 0 or (sa.num_shares > 1 and (sa.num_shares != int(sa.num_shares) or sa.num_shares < 3)):
+        raise ConfigError(
+            "secagg.num_shares must be a fraction in (0, 1] of the round's clients or a whole count >= 3, "
+            f"got {sa.num_shares}"
+        )
+    t = sa.reconstruction_threshold
+    if t <= 0 or (t > 1 and t != int(t)):
+        raise ConfigError(f"secagg.reconstruction_threshold must be a fraction in (0, 1] or a whole count, got {t}")
+    if t > 1 and sa.num_shares > 1 and t >= sa.num_shares:
+        raise ConfigError(
+            f"secagg.reconstruction_threshold={t:g} must be below secagg.num_shares={sa.num_shares:g}: "
+            "otherwise no share holder may drop out"
+        )
+    if sa.clipping_range <= 0:
+        raise ConfigError(f"secagg.clipping_range must be > 0, got {sa.clipping_range}")
+    if sa.quantization_range < 2 or sa.quantization_range * num_clients >= SECAGGPLUS_MODULUS:
+        raise ConfigError(
+            f"secagg.quantization_range must be >= 2 and partition.num_clients x quantization_range below "
+            f"2**32 (the masking modulus; the sum would wrap), got {sa.quantization_range} x {num_clients}"
+        )
+    _positive_int("secagg.max_num_examples", sa.max_num_examples)
+    if sa.timeout_s < 0:
+        raise ConfigError(f"secagg.timeout_s must be >= 0 (0 = wait for every reply), got {sa.timeout_s}")
 
 
 def _validate_privacy(pv: PrivacyConfig) -> None:

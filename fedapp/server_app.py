@@ -4,6 +4,15 @@ Runs Flower's ``DefaultWorkflow`` on a :class:`LegacyContext`, so the round loop
 is Flower's own, and writes metrics, a plot and a summary into
 ``runtime.output_dir`` when the rounds are over. The same app runs in the
 simulation engine and on a real SuperLink.
+
+With ``secagg.method=secaggplus`` the fit half of every round is Flower's
+``SecAggPlusWorkflow`` (the clients run ``secaggplus_mod``): it calls the
+strategy's ``configure_fit`` as usual, runs the four SecAgg+ stages, and then
+calls ``aggregate_fit`` with one result per surviving client whose parameters
+are all the same unmasked weighted mean (``num_examples`` and the fit metrics
+stay each client's own, in the clear). So FedAvg, the wrappers and the
+recording work unchanged on the mean; rules that need the individual updates
+are refused at start-up (:func:`fedapp.strategies.check_strategy_config`).
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from pathlib import Path
 
 from flwr.common import Context, NDArrays, Scalar, log
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
-from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from fedapp.attacks import malicious_clients
 from fedapp.components import check_experiment, new_model, test_data
@@ -23,6 +32,7 @@ from fedapp.metrics import RunRecorder
 from fedapp.report import format_table, write_report
 from fedapp.runconfig import experiment_from_run_config
 from fedapp.strategies import EvaluateFn, build_strategy
+from fedapp.traffic import TrafficMeter
 from fedapp.training import evaluate, get_weights, set_weights
 
 
@@ -42,6 +52,27 @@ def centralized_evaluator(cfg: ExperimentConfig) -> EvaluateFn:
 def fit_config(server_round: int) -> dict[str, Scalar]:
     """Per-round instructions sent to clients (the round seeds their shuffling)."""
     return {"server_round": server_round}
+
+
+def secaggplus_workflow(cfg: ExperimentConfig) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ fit workflow with ``cfg.secagg``'s parameters.
+
+    Our config holds the share count and threshold as floats (<= 1: fractions,
+    > 1: counts); Flower tells the two apart by type, so counts become ints here.
+    """
+    sa = cfg.secagg
+
+    def fraction_or_count(value: float) -> int | float:
+        return float(value) if value <= 1 else int(value)
+
+    return SecAggPlusWorkflow(
+        num_shares=fraction_or_count(sa.num_shares),
+        reconstruction_threshold=fraction_or_count(sa.reconstruction_threshold),
+        max_weight=float(sa.max_num_examples),
+        clipping_range=sa.clipping_range,
+        quantization_range=sa.quantization_range,
+        timeout=sa.timeout_s or None,
+    )
 
 
 def run_experiment(grid: Grid, context: Context, cfg: ExperimentConfig) -> dict:
@@ -64,7 +95,10 @@ def run_experiment(grid: Grid, context: Context, cfg: ExperimentConfig) -> dict:
         on_fit_config_fn=fit_config,
     )
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy)
-    DefaultWorkflow()(grid, legacy)
+    fit_workflow = secaggplus_workflow(cfg) if cfg.secagg.method == "secaggplus" else None
+    if cfg.secagg.method != "none":
+        recorder.event("secure_aggregation", 0, f"fit rounds use {cfg.secagg.method}", method=cfg.secagg.method)
+    DefaultWorkflow(fit_workflow=fit_workflow)(TrafficMeter(grid, recorder), legacy)
     rows = recorder.table()
     summary = write_report(rows, out, title=cfg.name)
     log(INFO, "Experiment %s finished; outputs in %s\n%s", cfg.name, out, format_table(rows))

@@ -76,24 +76,7 @@ def check_strategy_config(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"strategy.num_clients_to_keep={s.num_clients_to_keep} exceeds the {per_round} clients per round"
         )
-    if cfg.secagg.method == "paillier":
-        if s.name != "fedavg":
-            raise ConfigError(
-                f"secagg.method='paillier' works only with strategy.name='fedavg', got {s.name!r}: the server "
-                "sees only the encrypted sum of the updates, and Krum, trimmed mean and median must compare "
-                "or sort the individual updates, which is exactly what secure aggregation hides"
-            )
-        if cfg.privacy.central.enabled:
-            raise ConfigError(
-                "secagg.method='paillier' and privacy.central.enabled do not combine: central DP clips each "
-                "update on the server, which never sees one; use secagg.noise_sigma_total (distributed DP) "
-                "or client DP-SGD instead"
-            )
-    if cfg.defense.name == "detect" and cfg.secagg.method == "paillier":
-        raise ConfigError(
-            "defense.name='detect' does not combine with secagg.method='paillier': the detector scores "
-            "each client's update, and the server only ever sees their encrypted sum"
-        )
+    _check_secagg_combinations(cfg)
     if cfg.defense.name == "detect" and cfg.privacy.central.enabled:
         raise ConfigError(
             "defense.name='detect' does not combine with privacy.central.enabled: dropping flagged "
@@ -104,6 +87,48 @@ def check_strategy_config(cfg: ExperimentConfig) -> None:
             f"privacy.central.enabled works only with strategy.name='fedavg', got {s.name!r}: central DP "
             "calibrates its noise to the sensitivity C/m of a mean of m clipped updates, and "
             "Krum, trimmed mean and median select or reorder updates, which changes that analysis"
+        )
+
+
+# Base rules that need only the (weighted) mean of the updates, which is all secure aggregation yields.
+SECAGG_COMPATIBLE = {"paillier": ("fedavg",), "secaggplus": ("fedavg", "fedavgm")}
+
+
+def _check_secagg_combinations(cfg: ExperimentConfig) -> None:
+    """Secure aggregation hides each update; refuse whatever must look at one.
+
+    SecAgg+ would not even fail on its own: Flower's workflow hands
+    ``aggregate_fit`` every client's result carrying the same unmasked mean, so
+    Krum, trimmed mean, median and the detector would silently run on identical
+    copies (no robustness at all) and central DP would clip the mean instead of
+    each update. Hence a start-up error with the reason.
+    """
+    method = cfg.secagg.method
+    if method == "none":
+        return
+    s = cfg.strategy
+    hides = (
+        "the server sees only the encrypted sum of the updates" if method == "paillier"
+        else "SecAgg+ hands the strategy only the unmasked mean of the masked updates"
+    )
+    if s.name not in SECAGG_COMPATIBLE[method]:
+        raise ConfigError(
+            f"secagg.method={method!r} works only with strategy.name="
+            + " or ".join(repr(n) for n in SECAGG_COMPATIBLE[method])
+            + f", got "
+            f"{s.name!r}: {hides}, and Krum, trimmed mean and median must compare or sort the individual "
+            "updates, which is exactly what secure aggregation hides"
+        )
+    if cfg.privacy.central.enabled:
+        raise ConfigError(
+            f"secagg.method={method!r} and privacy.central.enabled do not combine: central DP clips each "
+            "update on the server, which never sees one; use client DP-SGD instead"
+            + (" or secagg.noise_sigma_total (distributed DP)" if method == "paillier" else "")
+        )
+    if cfg.defense.name == "detect":
+        raise ConfigError(
+            f"defense.name='detect' does not combine with secagg.method={method!r}: the detector scores "
+            f"each client's update, and {hides}"
         )
 
 

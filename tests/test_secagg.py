@@ -144,3 +144,103 @@ def test_paillier_without_key_dir_is_a_config_error():
 
     with pytest.raises(ConfigError, match="fedapp.keys generate"):
         ExperimentConfig.from_dict({"secagg": {"method": "paillier"}})
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"strategy": {"name": "krum"}}, "only with strategy.name='fedavg' or 'fedavgm'"),
+        ({"strategy": {"name": "multikrum"}}, "only with strategy.name='fedavg' or 'fedavgm'"),
+        ({"strategy": {"name": "trimmedmean"}}, "only with strategy.name='fedavg' or 'fedavgm'"),
+        ({"strategy": {"name": "median"}}, "only with strategy.name='fedavg' or 'fedavgm'"),
+        ({"privacy": {"central": {"enabled": True}}}, "central DP clips each update"),
+        ({"defense": {"name": "detect"}}, "detector scores each client's update"),
+    ],
+)
+def test_secaggplus_with_rules_that_need_individual_updates_is_refused_at_start_up(extra, message):
+    from fedapp.config import ConfigError, ExperimentConfig
+    from fedapp.strategies import check_strategy_config
+
+    cfg = ExperimentConfig.from_dict({"secagg": {"method": "secaggplus"}, **extra})
+
+    with pytest.raises(ConfigError, match=message):
+        check_strategy_config(cfg)
+
+
+def test_secaggplus_accepts_fedavgm_and_needs_no_key():
+    from fedapp.config import ExperimentConfig
+    from fedapp.strategies import check_strategy_config
+
+    cfg = ExperimentConfig.from_dict({"secagg": {"method": "secaggplus"}, "strategy": {"name": "fedavgm"}})
+
+    check_strategy_config(cfg)  # no error: FedAvgM needs only the mean
+
+
+@pytest.mark.parametrize(
+    ("secagg", "message"),
+    [
+        ({"num_shares": 2}, r"num_shares must be a fraction in \(0, 1\] .* or a whole count >= 3"),
+        ({"num_shares": 4.5}, r"num_shares"),
+        ({"num_shares": 5, "reconstruction_threshold": 5}, r"must be below secagg.num_shares=5"),
+        ({"reconstruction_threshold": 0.0}, r"reconstruction_threshold must be a fraction"),
+        ({"clipping_range": 0.0}, r"clipping_range must be > 0"),
+        ({"quantization_range": 2**29}, r"below 2\*\*32"),
+        ({"timeout_s": -1.0}, r"timeout_s must be >= 0"),
+        ({"method": "secagg"}, r"secagg.method must be one of \['none', 'paillier', 'secaggplus'\]"),
+    ],
+)
+def test_secaggplus_parameters_out_of_range_are_config_errors(secagg, message):
+    from fedapp.config import ConfigError, ExperimentConfig
+
+    with pytest.raises(ConfigError, match=message):
+        ExperimentConfig.from_dict({"secagg": {"method": "secaggplus", **secagg}})
+
+
+def test_secaggplus_workflow_gets_counts_as_ints_and_fractions_as_floats():
+    from fedapp.config import ExperimentConfig
+    from fedapp.server_app import secaggplus_workflow
+
+    counts = secaggplus_workflow(
+        ExperimentConfig.from_dict({"secagg": {"method": "secaggplus", "num_shares": 5, "reconstruction_threshold": 3}})
+    )
+    fractions = secaggplus_workflow(ExperimentConfig.from_dict({"secagg": {"method": "secaggplus"}}))
+
+    assert (counts.num_shares, counts.reconstruction_threshold) == (5, 3)
+    assert isinstance(counts.num_shares, int) and isinstance(counts.reconstruction_threshold, int)
+    assert (fractions.num_shares, fractions.reconstruction_threshold) == (1.0, 0.7)
+    assert fractions.max_weight == 10000.0 and fractions.timeout is None
+
+
+def test_traffic_counts_update_nbytes_of_a_plain_reply_and_of_a_masked_vector():
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import Code, ConfigRecord, FitRes, RecordDict, Status, ndarray_to_bytes, ndarrays_to_parameters
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    from fedapp.traffic import payload_bytes, update_nbytes
+
+    arrays = [np.zeros((10, 3), dtype=np.float32), np.zeros(5, dtype=np.float32)]  # 140 bytes
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 7, {})
+    plain = compat.fitres_to_recorddict(fitres, keep_input=True)
+    masked = RecordDict(
+        {RECORD_KEY_CONFIGS: ConfigRecord({Key.MASKED_PARAMETERS: [ndarray_to_bytes(np.zeros(35, dtype=np.int64))]})}
+    )
+
+    assert update_nbytes(plain) == 140
+    assert update_nbytes(masked) == 280
+    assert payload_bytes(plain) > 140  # serialised .npy headers and the metadata count too
+
+
+def test_obfuscator_pool_is_refilled_off_the_reply_and_taken_only_once(tmp_path):
+    from fedapp.client_app import refill_pool_in_background, take_pool
+    from fedapp.crypto import generate_keypair
+
+    _, private_key = generate_keypair(512)
+    path = tmp_path / "pools" / "partition-0.pool"
+
+    refill_pool_in_background(path, private_key, 3).join()
+    first = take_pool(path, private_key)
+    second = take_pool(path, private_key)
+
+    assert first is not None and len(first) == 3
+    assert second is None  # taken values were removed from disk: never reused
+    assert not any(path.parent.iterdir())
