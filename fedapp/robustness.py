@@ -4,13 +4,16 @@ Detection rule (each round, over the updates ``delta_i = w_i - w_global`` of the
 round's ``n >= 3`` clients; floating-point arrays only, flattened):
 
 1. three scores per client: the L2 norm ``||delta_i||``; the cosine similarity
-   of ``delta_i`` to the coordinate-wise median update; the Krum score, the sum
-   of squared distances to its ``max(1, n - f - 2)`` nearest other updates
-   (``f`` = the assumed number of Byzantine clients);
+   of ``delta_i`` to the coordinate-wise median update; the square root of its
+   Krum score, the sum of squared distances to its ``max(1, n - f - 2)``
+   nearest other updates (``f`` = the assumed number of Byzantine clients). The
+   root keeps it in distance units like the norm: squared, a mildly long honest
+   update would already look like an outlier;
 2. each score becomes a robust z-score across the round's clients,
    ``(x - median) / max(1.4826 * MAD, floor)``. The floor keeps near-identical
-   honest updates from making tiny deviations look extreme: 10 % of the median
-   for the norm and the Krum score, 0.1 for the cosine;
+   honest updates from making tiny deviations look extreme: 15 % of the median
+   for the norm and the root Krum score, 0.1 for the cosine (so at the default
+   threshold 3 a norm alone must be >= 45 % above the median to flag);
 3. the anomaly score is the largest directional z: ``max(z_norm, -z_cosine,
    z_krum)`` (too long, pointing away from the median, or far from everyone;
    a short update is not suspicious on its own: it is what a client with little
@@ -51,7 +54,7 @@ from fedapp.metrics import RunRecorder
 from fedapp.wrappers import Failures, FitResults, StrategyWrapper, client_label
 
 MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
-NORM_FLOOR = 0.1  # scale floor for norm and Krum-score z, relative to the median
+NORM_FLOOR = 0.15  # scale floor for norm and root-Krum-score z, relative to the median
 COSINE_FLOOR = 0.1  # scale floor for cosine z, absolute (honest cosines spread by ~0.1-0.2)
 MIN_CLIENTS_TO_SCORE = 3
 QUARANTINE_CODE = "quarantine"
@@ -112,7 +115,7 @@ def score_updates(updates: np.ndarray, *, num_malicious: int, threshold: float) 
     """Score the rows of ``updates`` (n x d, one client each) by the module's rule."""
     norms = np.linalg.norm(updates, axis=1)
     cosines = cosine_to_median(updates)
-    krum = krum_scores(updates, num_malicious)
+    krum = np.sqrt(krum_scores(updates, num_malicious))
     z_norm = robust_z(norms, NORM_FLOOR * float(np.median(norms)))
     z_cos = robust_z(cosines, COSINE_FLOOR)
     z_krum = robust_z(krum, NORM_FLOOR * float(np.median(krum)))

@@ -88,14 +88,16 @@ def test_detector_flags_signflip_scaling_and_gaussian_with_precision_and_recall_
     # Execute
     scores = score_updates(np.array(ROUND_OF_SEVEN), num_malicious=3, threshold=3.0)
 
-    # Assert: honest norms are ~2.0-2.05 (median ~2.02, MAD tiny, so the floor 0.2 is the scale):
-    # the scaled update's norm z is (20.05 - 2.02) / 0.2 ~ 90; the flipped one has cosine -1 to the
-    # median (~[1, 1, 1, 1]); the noise has norm 7.9 and points away from it.
+    # Assert: the median norm is sqrt(4.02) = 2.005 (three honest updates and the flipped one have
+    # it), the MAD is 0, so the scale is the floor 0.15 * 2.005: the scaled update's norm z is
+    # (sqrt(402) - 2.005) / 0.3007 = 60; the flipped one has cosine -1 to the median (~[1, 1, 1, 1]);
+    # the noise has norm 7.9 and points away from it.
     flagged = {i for i, s in enumerate(scores) if s.flagged}
     assert flagged == {4, 5, 6}
     assert precision_recall([str(i) for i in flagged], ["4", "5", "6"]) == (1.0, 1.0)
     assert scores[4].cosine == pytest.approx(-1.0, abs=0.02) and "cosine" in scores[4].reason
-    assert scores[5].z_norm > 80 and "norm" in scores[5].reason
+    assert scores[5].z_norm == pytest.approx((402**0.5 - 4.02**0.5) / (0.15 * 4.02**0.5))
+    assert "norm" in scores[5].reason
     assert all(s.anomaly < 1.0 for s in scores[:4])
 
 
