@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -10,7 +12,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg, FedMedian
 
 from fedapp.crypto import Quantizer, SlotLayout, assert_no_private_key, generate_keypair
-from fedapp.crypto.protocol import SECAGG_ROUND, SECAGG_TOTAL_WEIGHT, SecAggSettings, decrypt_request, encrypt_update
+from fedapp.crypto.protocol import MODE_DECRYPT, SECAGG_MODE, SECAGG_ROUND, SECAGG_TOTAL_WEIGHT, SecAggSettings, decrypt_request, encrypt_update
 from fedapp.secagg import PaillierSecureAggregation, integer_weights
 
 BITS = 512
@@ -88,6 +90,30 @@ def test_mean_of_encrypted_updates_with_a_dropped_client_and_a_broken_decryptor(
         assert np.max(np.abs(got - want)) <= SETTINGS.quantizer.error_bound(1) + 1e-6
     assert metrics["secagg_contributors"] == 3
     assert sum(c.decrypt_calls for c in clients if not c.broken) == 2  # two decryptors agreed
+
+
+class MeetingClient(FakeClient):
+    """A decryptor that only answers once another decryptor is working at the same time."""
+
+    def __init__(self, cid: str, private_key, barrier: threading.Barrier) -> None:
+        super().__init__(cid, private_key)
+        self.barrier = barrier
+
+    def fit(self, ins, timeout, group_id):
+        if ins.config.get(SECAGG_MODE) == MODE_DECRYPT:
+            self.barrier.wait()  # BrokenBarrierError (a failed decryptor) if asked one after the other
+        return super().fit(ins, timeout, group_id)
+
+
+def test_decryptors_are_asked_at_the_same_time(keys):
+    barrier = threading.Barrier(2, timeout=5)
+    clients = [MeetingClient(f"c{i}", keys[1], barrier) for i in range(3)]
+    strategy, results = _round(keys, clients, {c.cid: _delta(i) for i, c in enumerate(clients)})
+
+    parameters, metrics = strategy.aggregate_fit(1, results, [])
+
+    assert parameters is not None and metrics["secagg_contributors"] == 3
+    assert sum(c.decrypt_calls for c in clients) == 2
 
 
 def test_replayed_and_stale_updates_are_refused(keys):
