@@ -13,9 +13,7 @@ simulated attack, as a real client's reply would be.
 
 from __future__ import annotations
 
-import os
-import threading
-from logging import INFO, WARNING
+from logging import INFO
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from fedapp.attacks import Attack, AttackContext, attack_rng, malicious_clients, poison_weights, resolve_attack
 from fedapp.components import client_data, new_model
 from fedapp.config import ConfigError, ExperimentConfig
-from fedapp.crypto import ObfuscatorPool, PrivateKey, load_private_key
+from fedapp.crypto import PrivateKey, load_private_key
+from fedapp.crypto.pool_files import pool_path, refill_in_background, remaining, take_obfuscators
 from fedapp.crypto.protocol import (
     MODE_DECRYPT,
     MODE_ENCRYPT,
@@ -94,20 +93,16 @@ class FedappClient(NumPyClient):
         private_key, settings = self._secagg()
         if config.get(SECAGG_KEY_ID) != private_key.key_id:
             raise ValueError(f"server asks for key {config.get(SECAGG_KEY_ID)}, this client holds {private_key.key_id}")
-        pool_path = self._pool_path()
-        pool = take_pool(pool_path, private_key) if pool_path is not None else None
+        needed = settings.layout.num_ciphertexts(int(sum(a.size for a in old)))
+        path = pool_path(self.cfg.secagg.pool_dir, self.partition_id) if self.cfg.secagg.pool_dir else None
+        pool = take_obfuscators(path, private_key, needed) if path is not None else None
         encrypted = encrypt_update(
             old, new, server_round=int(config[SECAGG_ROUND]), sender=str(self.partition_id),
             public_key=private_key.public_key, settings=settings, private_key=private_key, pool=pool,
         )
-        if pool_path is not None:
-            needed = settings.layout.num_ciphertexts(int(sum(a.size for a in old)))
-            refill_pool_in_background(pool_path, private_key, needed)
+        if path is not None and remaining(path) < needed:  # an offline pool ran dry: refill after the reply
+            refill_in_background(path, private_key, needed)
         return encrypted
-
-    def _pool_path(self) -> Path | None:
-        pool_dir = self.cfg.secagg.pool_dir
-        return Path(pool_dir) / f"partition-{self.partition_id}.pool" if pool_dir else None
 
     def _decrypt_aggregate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """Decryptor step: the round's encrypted sum in, the plaintext sum and its weight out."""
@@ -242,48 +237,6 @@ class FedappClient(NumPyClient):
             return 0.0, 0, {CLIENT_ID_KEY: self.partition_id}
         loss, acc = evaluate(self.model, self.val_set, self.cfg.runtime.eval_batch_size, self.cfg.runtime.device)
         return loss, len(self.val_set), {CLIENT_ID_KEY: self.partition_id, "accuracy": acc}
-
-
-def take_pool(path: Path, private_key: PrivateKey) -> ObfuscatorPool | None:
-    """The precomputed obfuscators at ``path``, removed from disk first so none is ever used twice.
-
-    ``None`` when there is none yet (first round, or the refill of the last
-    round is still running): the caller then computes obfuscators online.
-    """
-    claimed = path.with_suffix(".taking")
-    try:
-        os.replace(path, claimed)  # atomic: a refill writing a new file cannot hand out the same values
-    except FileNotFoundError:
-        return None
-    try:
-        return ObfuscatorPool.load(claimed, private_key.public_key)
-    except (ValueError, KeyError) as err:  # another key, or a torn file: never fatal, just slower
-        log(WARNING, "Ignoring obfuscator pool %s: %s", path, err)
-        return None
-    finally:
-        claimed.unlink(missing_ok=True)
-
-
-def refill_pool_in_background(path: Path, private_key: PrivateKey, count: int) -> threading.Thread:
-    """Compute next round's ``count`` obfuscators after this reply, in a thread, and save them to ``path``.
-
-    Off the round's critical path only when the client has a spare core between
-    rounds; in a simulation on few cores the thread competes with the other
-    clients' training (see docs/secure_aggregation.md). Non-daemon, so a
-    ClientApp process that ends after its reply still finishes the file.
-    """
-
-    def fill() -> None:
-        pool = ObfuscatorPool(private_key.public_key)
-        pool.fill(count, private_key=private_key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        pool.save(partial)  # mode 0600: an obfuscator decrypts its ciphertext
-        os.replace(partial, path)
-
-    thread = threading.Thread(target=fill, name=f"obfuscator-pool-{path.stem}", daemon=False)
-    thread.start()
-    return thread
 
 
 def train_seed(cfg: ExperimentConfig, server_round: int, partition_id: int) -> int:

@@ -2,6 +2,8 @@
 
     python -m fedapp.keys generate --dir keys/clients [--public-dir keys/server] [--bits 2048]
     python -m fedapp.keys show --dir keys/clients
+    python -m fedapp.keys pool --dir keys/clients --pool-dir pools --rounds 20 [--partitions 0,3] \
+        [--workers 2] [hydra overrides of the experiment, e.g. +experiment=secagg_mnist]
 
 ``generate`` writes the public and the private key file (0600) to ``--dir``,
 which is distributed to the clients only, and the public key alone to
@@ -18,6 +20,7 @@ from fedapp.crypto import (
     DEFAULT_KEY_BITS,
     PRIVATE_KEY_FILE,
     generate_keypair,
+    load_private_key,
     load_public_key,
     save_keypair,
 )
@@ -33,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--force", action="store_true", help="replace an existing key pair")
     show = sub.add_parser("show", help="key id and size of the key in --dir")
     show.add_argument("--dir", required=True)
+    pool = sub.add_parser("pool", help="precompute the clients' obfuscators for the next rounds (offline phase)")
+    pool.add_argument("--dir", required=True, help="clients' key directory (the private key is needed)")
+    pool.add_argument("--pool-dir", required=True, help="where the pools go (the clients' secagg.pool_dir)")
+    pool.add_argument("--rounds", type=int, required=True, help="rounds to precompute for")
+    pool.add_argument("--partitions", default="", help="client ids, e.g. '0,3' (default: every client)")
+    pool.add_argument("--workers", type=int, default=1, help="processes to spread the work over")
+    pool.add_argument("overrides", nargs="*", help="Hydra overrides naming the experiment (model, layout, clients)")
     args = parser.parse_args(argv)
 
     if args.command == "generate":
@@ -47,8 +57,50 @@ def main(argv: list[str] | None = None) -> int:
             save_keypair(args.public_dir, public_key)
         print(f"key {public_key.key_id} ({public_key.bits} bits): clients {args.dir}, server {args.public_dir or '-'}")
         return 0
+    if args.command == "pool":
+        return make_pools(args)
     key = load_public_key(args.dir)
     print(f"key {key.key_id} ({key.bits} bits)")
+    return 0
+
+
+def make_pools(args: argparse.Namespace) -> int:
+    """Offline phase for the chosen clients; prints the cost so it can be reported beside round times."""
+    import time
+    from pathlib import Path
+
+    from fedapp.components import new_model
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fedapp.config import ConfigError
+    from fedapp.crypto.pool_files import pool_path, precompute_pool
+    from fedapp.crypto.protocol import settings_for
+    from fedapp.hydra_config import compose_experiment
+    from fedapp.training import get_weights
+
+    try:
+        cfg = compose_experiment(args.overrides)
+        private_key = load_private_key(args.dir)
+        ids = [int(i) for i in args.partitions.replace(" ", ",").split(",") if i] or list(range(cfg.partition.num_clients))
+    except (ConfigError, HydraException, OmegaConfBaseException, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.rounds < 1 or any(not 0 <= i < cfg.partition.num_clients for i in ids):
+        print(f"error: need --rounds >= 1 and client ids in 0..{cfg.partition.num_clients - 1}", file=sys.stderr)
+        return 2
+    if private_key.public_key.bits != cfg.secagg.key_bits:
+        print(f"error: the key in {args.dir} has {private_key.public_key.bits} bits, the experiment "
+              f"secagg.key_bits={cfg.secagg.key_bits}", file=sys.stderr)
+        return 2
+    num_values = sum(a.size for a in get_weights(new_model(cfg)))
+    per_round = settings_for(cfg.secagg, cfg.partition.num_clients).layout.num_ciphertexts(num_values)
+    started = time.perf_counter()
+    for i in ids:
+        precompute_pool(pool_path(Path(args.pool_dir), i), private_key, per_round * args.rounds, workers=args.workers)
+    seconds = time.perf_counter() - started
+    print(f"{len(ids)} pool(s) of {per_round} x {args.rounds} obfuscators in {args.pool_dir}: {seconds:.1f} s, "
+          f"{seconds / (len(ids) * args.rounds):.3f} s per client per round")
     return 0
 
 

@@ -257,16 +257,43 @@ def test_traffic_counts_update_nbytes_of_a_plain_reply_and_of_a_masked_vector():
 
 
 def test_obfuscator_pool_is_refilled_off_the_reply_and_taken_only_once(tmp_path):
-    from fedapp.client_app import refill_pool_in_background, take_pool
-    from fedapp.crypto import generate_keypair
+    from fedapp.crypto.pool_files import refill_in_background, take_obfuscators
 
     _, private_key = generate_keypair(512)
     path = tmp_path / "pools" / "partition-0.pool"
 
-    refill_pool_in_background(path, private_key, 3).join()
-    first = take_pool(path, private_key)
-    second = take_pool(path, private_key)
+    refill_in_background(path, private_key, 3).join()
+    first = take_obfuscators(path, private_key, 3)
+    second = take_obfuscators(path, private_key, 3)
 
     assert first is not None and len(first) == 3
     assert second is None  # taken values were removed from disk: never reused
     assert not any(path.parent.iterdir())
+
+
+def test_offline_pool_serves_several_rounds_with_distinct_values_then_runs_dry(tmp_path):
+    from fedapp.crypto.pool_files import precompute_pool, remaining, take_obfuscators
+
+    public_key, private_key = generate_keypair(512)
+    path = tmp_path / "partition-3.pool"
+    precompute_pool(path, private_key, 3 * 4)
+
+    rounds = [take_obfuscators(path, private_key, 4) for _ in range(3)]
+
+    values = [int(v) for pool in rounds for v in pool.take(4)]
+    assert len(set(values)) == 12  # every value handed out once
+    assert remaining(path) == 0 and take_obfuscators(path, private_key, 4) is None
+    # each is a valid r^n mod n^2: encrypting with it decrypts correctly
+    c = int((1 + 42 * public_key.n) * values[0] % public_key.nsquare)
+    assert private_key.phe.raw_decrypt(c) == 42
+
+
+def test_a_short_pool_is_discarded_not_mixed_with_online_values(tmp_path):
+    from fedapp.crypto.pool_files import precompute_pool, take_obfuscators
+
+    _, private_key = generate_keypair(512)
+    path = tmp_path / "partition-0.pool"
+    precompute_pool(path, private_key, 2)
+
+    assert take_obfuscators(path, private_key, 5) is None
+    assert not path.exists()

@@ -14,20 +14,55 @@ from fedapp.simulation import run_in_simulation
 pytestmark = pytest.mark.slow
 
 
-def test_paillier_fedavg_learns_like_plain_fedavg(tiny_experiment: ExperimentConfig, tmp_path: Path) -> None:
+def test_paillier_fedavg_learns_like_plain_fedavg_using_the_offline_obfuscator_pools(
+    tiny_experiment: ExperimentConfig, tmp_path: Path
+) -> None:
+    from fedapp.components import new_model
+    from fedapp.crypto import load_private_key
+    from fedapp.crypto.pool_files import pool_path, precompute_pool, remaining
+    from fedapp.crypto.protocol import settings_for
+    from fedapp.training import get_weights
+
     assert keys_main(["generate", "--dir", str(tmp_path / "keys"), "--bits", "512"]) == 0
     plain = run_in_simulation(tiny_experiment)
     secure_cfg = replace(
         tiny_experiment,
-        secagg=replace(tiny_experiment.secagg, method="paillier", key_dir=str(tmp_path / "keys"), key_bits=512),
+        secagg=replace(
+            tiny_experiment.secagg, method="paillier", key_dir=str(tmp_path / "keys"), key_bits=512,
+            pool_dir=str(tmp_path / "pools"),
+        ),
         runtime=replace(tiny_experiment.runtime, output_dir=str(tmp_path / "secure")),
     )
     secure_cfg.validate()
+    num_values = sum(a.size for a in get_weights(new_model(secure_cfg)))
+    per_round = settings_for(secure_cfg.secagg, secure_cfg.partition.num_clients).layout.num_ciphertexts(num_values)
+    private_key = load_private_key(tmp_path / "keys")
+    clients = range(secure_cfg.partition.num_clients)
+    for i in clients:  # one round more than the run needs, so no background refill muddies the count
+        precompute_pool(pool_path(tmp_path / "pools", i), private_key, per_round * (secure_cfg.num_rounds + 1))
 
     secure = run_in_simulation(secure_cfg)
 
     assert secure["rounds"] == plain["rounds"]
     assert abs(secure["final_test_accuracy"] - plain["final_test_accuracy"]) <= 0.05
+    assert [remaining(pool_path(tmp_path / "pools", i)) for i in clients] == [per_round] * len(clients)
+
+
+def test_pool_command_precomputes_the_chosen_clients_rounds(tmp_path: Path) -> None:
+    from fedapp.crypto.pool_files import remaining
+
+    assert keys_main(["generate", "--dir", str(tmp_path / "keys"), "--bits", "512"]) == 0
+    overrides = ["+experiment=smoke", "secagg=paillier", "secagg.key_bits=512"]
+    assert keys_main(["pool", "--dir", str(tmp_path / "keys"), "--pool-dir", str(tmp_path / "p"), "--rounds", "1",
+                      "--partitions", "1", *overrides]) == 0
+    one_round = remaining(tmp_path / "p" / "partition-1.pool")
+    assert keys_main(["pool", "--dir", str(tmp_path / "keys"), "--pool-dir", str(tmp_path / "p"), "--rounds", "3",
+                      "--partitions", "1", *overrides]) == 0
+
+    assert one_round > 0 and remaining(tmp_path / "p" / "partition-1.pool") == 3 * one_round
+    assert [f.name for f in (tmp_path / "p").iterdir()] == ["partition-1.pool"]
+    assert keys_main(["pool", "--dir", str(tmp_path / "keys"), "--pool-dir", str(tmp_path / "p"), "--rounds", "1",
+                      "+experiment=smoke", "secagg=paillier"]) == 2  # 512-bit key, 2048-bit experiment: refused
 
 
 def test_secaggplus_fedavg_learns_like_plain_fedavg_and_reports_upload_bytes(
