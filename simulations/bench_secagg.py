@@ -1,16 +1,20 @@
 """Secure aggregation side by side: the same experiment in the clear, with Paillier and with SecAgg+.
 
-    FEDAPP_DATA_ROOT=../shared/data python simulations/bench_secagg.py            # the figures
+    FEDAPP_DATA_ROOT=../shared/data python simulations/bench_secagg.py --repeats 3   # the figures
     python simulations/bench_secagg.py --rounds 2 --max-train-samples 5000 --key-bits 512 \\
         --results-dir /tmp/secagg_smoke --out /tmp/secagg_smoke/runs                # smoke
 
 Runs preset ``secagg_mnist`` (full MNIST, 10 clients IID, cnn_mnist_small,
-FedAvg, same seed and rounds) once per ``--methods`` entry, one after the other
-in the simulation engine: ``none``, ``paillier`` (``--key-bits``, 2048 for the
-figures) and ``secaggplus``; ``--pool`` adds ``paillier`` with the background
-obfuscator pool (``secagg.pool_dir``). The Paillier key pair is made before the
-runs with ``python -m fedapp.keys generate`` into the output folder, in its own
-process: the ServerApp only ever loads the public key.
+FedAvg, same seed and rounds) once per ``--methods`` entry in the simulation
+engine: ``none`` (plaintext), ``paillier`` (every obfuscator computed during
+the round), ``paillier_offline`` (the clients' obfuscators precomputed before
+the run by ``python -m fedapp.keys pool``, the offline phase, whose cost is
+timed and reported per client per round) and ``secaggplus``. With
+``--repeats`` > 1 the methods run interleaved (A B C D A B C D ...), so that
+drift in the machine's load hits every method alike; each ratio is taken
+within one repeat and the median over repeats is reported. The Paillier key
+pair is made before the runs with ``python -m fedapp.keys generate`` into the
+output folder, in its own process: the ServerApp only ever loads the public key.
 
 Per round it keeps the wall time (``round_time_s``: fit, aggregation,
 decryption or unmasking and central evaluation) and the bytes each client
@@ -29,6 +33,9 @@ import argparse
 import json
 import os
 import platform
+import re
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -44,7 +51,10 @@ from fedapp.hydra_config import compose_experiment  # noqa: E402
 from fedapp.simulation import run_in_simulation  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LABELS = {"none": "plaintext", "paillier": "Paillier", "paillier_pool": "Paillier + pool", "secaggplus": "SecAgg+"}
+LABELS = {
+    "none": "plaintext", "paillier": "Paillier (online)", "paillier_offline": "Paillier (offline obfuscators)",
+    "secaggplus": "SecAgg+",
+}
 
 
 def make_keys(key_dir: Path, bits: int) -> None:
@@ -61,7 +71,19 @@ def make_keys(key_dir: Path, bits: int) -> None:
     )
 
 
-def run_one(variant: str, args: argparse.Namespace, key_dir: Path) -> dict[str, Any]:
+def make_offline_pools(pool_dir: Path, key_dir: Path, rounds: int, overrides: list[str]) -> float:
+    """The offline phase in its own process (as a client would run it); its seconds per client per round."""
+    shutil.rmtree(pool_dir, ignore_errors=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedapp.keys", "pool", "--dir", str(key_dir), "--pool-dir", str(pool_dir),
+         "--rounds", str(rounds), *overrides],
+        check=True, capture_output=True, text=True,
+    )
+    print(done.stdout.strip())
+    return float(re.search(r"([0-9.]+) s per client per round", done.stdout).group(1))
+
+
+def run_one(variant: str, args: argparse.Namespace, key_dir: Path, repeat: int) -> dict[str, Any]:
     method = "paillier" if variant.startswith("paillier") else variant
     overrides = [
         "+experiment=secagg_mnist",
@@ -73,10 +95,14 @@ def run_one(variant: str, args: argparse.Namespace, key_dir: Path) -> dict[str, 
     ]
     if method == "paillier":
         overrides += [f"secagg.key_dir={key_dir}", f"secagg.key_bits={args.key_bits}"]
-    if variant == "paillier_pool":
-        overrides.append(f"secagg.pool_dir={args.out / 'pools'}")
+    offline_s = None
+    if variant == "paillier_offline":
+        pool_dir = (args.out / "pools").resolve()
+        overrides.append(f"secagg.pool_dir={pool_dir}")
+        # one round more than the run uses, so no background refill runs after the last round
+        offline_s = make_offline_pools(pool_dir, key_dir, args.rounds + 1, overrides)
     cfg = compose_experiment(overrides)
-    cfg.runtime.output_dir = str(args.out / variant)
+    cfg.runtime.output_dir = str(args.out / f"{variant}-{repeat}")
     started = time.perf_counter()
     summary = run_in_simulation(cfg)
     wall = time.perf_counter() - started
@@ -97,6 +123,8 @@ def run_one(variant: str, args: argparse.Namespace, key_dir: Path) -> dict[str, 
         "upload_update_bytes_per_client": mean("upload_update_bytes", rows),
         "upload_total_bytes_per_client": mean("upload_total_bytes", rows),
         "total_wall_time_s": round(wall, 1),
+        "offline_obfuscators_s_per_client_per_round": offline_s,
+        "load_average_1m_after": os.getloadavg()[0],
         "per_round": [
             {k: r.get(k) for k in ("round", "round_time_s", "upload_update_bytes", "upload_total_bytes", "test_accuracy", "fit_clients")}
             for r in rows
@@ -105,8 +133,18 @@ def run_one(variant: str, args: argparse.Namespace, key_dir: Path) -> dict[str, 
     }
 
 
-def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Each secure variant against plaintext: time and bytes as ratios, accuracy in percentage points."""
+def summarise(repeats: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per method: the run of the first repeat, with round time and its spread over the repeats."""
+    out = {}
+    for name, first in repeats[0].items():
+        times = [rep[name]["mean_round_time_s"] for rep in repeats]
+        out[name] = {**first, "mean_round_time_s": statistics.median(times), "round_time_s_per_repeat": times,
+                     "final_test_accuracy_per_repeat": [rep[name]["final_test_accuracy"] for rep in repeats]}
+    return out
+
+
+def ratios(runs: dict[str, dict[str, Any]], repeats: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each secure variant against plaintext: time (median of within-repeat ratios) and bytes, accuracy in pp."""
     base = runs.get("none")
     if base is None:
         return {}
@@ -114,9 +152,13 @@ def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]
     def ratio(run: dict[str, Any], key: str) -> float | None:
         return run[key] / base[key] if run[key] is not None and base[key] else None
 
+    def time_ratios(name: str) -> list[float]:
+        return [rep[name]["mean_round_time_s"] / rep["none"]["mean_round_time_s"] for rep in repeats]
+
     return {
         f"{name}/plaintext": {
-            "round_time": ratio(run, "mean_round_time_s"),
+            "round_time": statistics.median(time_ratios(name)),
+            "round_time_per_repeat": time_ratios(name),
             "update_bytes": ratio(run, "upload_update_bytes_per_client"),
             "total_bytes": ratio(run, "upload_total_bytes_per_client"),
             "accuracy_diff_pp": 100 * (run["final_test_accuracy"] - base["final_test_accuracy"]),
@@ -155,28 +197,29 @@ def main() -> None:
     parser.add_argument("--max-train-samples", type=int, default=0, help="0 = full MNIST")
     parser.add_argument("--max-test-samples", type=int, default=0, help="0 = full test set")
     parser.add_argument("--key-bits", type=int, default=2048)
-    parser.add_argument("--methods", default="none,paillier,secaggplus")
-    parser.add_argument("--pool", action="store_true", help="also run Paillier with the background obfuscator pool")
+    parser.add_argument("--methods", default="none,paillier,paillier_offline,secaggplus")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every method")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_secagg"))
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
-    variants = [m.strip() for m in args.methods.split(",") if m.strip()] + (["paillier_pool"] if args.pool else [])
+    variants = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(variants) - set(LABELS)
     if unknown:
-        parser.error(f"unknown method(s) {sorted(unknown)}; valid: none, paillier, secaggplus")
+        parser.error(f"unknown method(s) {sorted(unknown)}; valid: {', '.join(LABELS)}")
     key_dir = (args.out / "keys").resolve()
     if any(v.startswith("paillier") for v in variants):
         make_keys(key_dir, args.key_bits)
-    runs = {v: run_one(v, args, key_dir) for v in variants}
+    repeats = [{v: run_one(v, args, key_dir, r) for v in variants} for r in range(args.repeats)]
+    runs = summarise(repeats)
     result = {
         "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores, CPU only)",
         "load_average_1m_at_end": os.getloadavg()[0],
         "settings": {
             "rounds": args.rounds, "seed": args.seed, "max_train_samples": args.max_train_samples,
-            "max_test_samples": args.max_test_samples, "key_bits": args.key_bits,
+            "max_test_samples": args.max_test_samples, "key_bits": args.key_bits, "repeats": args.repeats,
         },
         "runs": runs,
-        "ratios": ratios(runs),
+        "ratios": ratios(runs, repeats),
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "secagg.json").write_text(json.dumps(result, indent=2))
@@ -185,11 +228,11 @@ def main() -> None:
     for name, run in runs.items():
         print(
             f"{run['label']:>16}: final {100 * run['final_test_accuracy']:.2f} %, "
-            f"{run['mean_round_time_s']:.1f} s/round, update {run['upload_update_bytes_per_client'] / 1e3:.1f} kB, "
+            f"{run['mean_round_time_s']:.2f} s/round (median of {run['round_time_s_per_repeat']}), update {run['upload_update_bytes_per_client'] / 1e3:.1f} kB, "
             f"all replies {run['upload_total_bytes_per_client'] / 1e3:.1f} kB per client per round"
         )
     for name, r in result["ratios"].items():
-        print(f"{name}: {json.dumps({k: None if v is None else round(v, 3) for k, v in r.items()})}")
+        print(f"{name}: {json.dumps({k: v if v is None or isinstance(v, list) else round(v, 3) for k, v in r.items()})}")
 
 
 if __name__ == "__main__":
