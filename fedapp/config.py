@@ -180,8 +180,12 @@ class SecAggConfig:
     it; ``max_weight`` > 1 folds sample counts in as weights 1..max_weight (more
     headroom, more bytes). ``decryptors`` clients decrypt the sum and must
     agree; a decryptor refuses sums of fewer than ``min_contributors`` clients.
-    ``noise_sigma_total`` > 0 adds distributed DP noise: each client
-    ``N(0, sigma^2 / n)`` so the sum carries ``sigma``. ``pool_dir`` (empty =
+    ``noise_sigma_total`` > 0 adds distributed DP noise: each of the
+    ``n = partition.num_clients`` clients adds ``N(0, sigma^2 / n)`` so a sum of
+    all ``n`` carries ``sigma`` (in update units; ``k`` contributors carry
+    ``sigma * sqrt(k / n)``); it needs ``clip_norm`` > 0 (the sensitivity) and
+    ``max_weight`` = 1, and is accounted as user-level DP at ``noise_delta``
+    (:class:`fedapp.dp_strategy.DistributedDPAccounting`). ``pool_dir`` (empty =
     off) lets each client precompute the next round's obfuscators in the
     background after it replied, kept there (mode 0600: as secret as the key).
 
@@ -208,6 +212,7 @@ class SecAggConfig:
     decryptors: int = 2
     min_contributors: int = 2
     noise_sigma_total: float = 0.0
+    noise_delta: float = 1e-5
     pool_dir: str = ""
     num_shares: float = 1.0
     reconstruction_threshold: float = 0.7
@@ -361,6 +366,7 @@ class ExperimentConfig:
         _positive_int("runtime.timeout_s", r.timeout_s)
         _validate_privacy(self.privacy)
         _validate_secagg(self.secagg, p.num_clients)
+        _validate_distributed_dp(self.secagg, self.privacy)
         _validate_robustness(self.attack, self.defense, p.num_clients)
 
 
@@ -416,6 +422,39 @@ def _validate_paillier(sa: SecAggConfig) -> None:
         )
     for key in ("max_weight", "decryptors", "min_contributors"):
         _positive_int(f"secagg.{key}", getattr(sa, key))
+
+
+def _validate_distributed_dp(sa: SecAggConfig, pv: PrivacyConfig) -> None:
+    """Distributed DP (``secagg.noise_sigma_total`` > 0) only where its accounting holds."""
+    if sa.noise_sigma_total < 0:
+        raise ConfigError(f"secagg.noise_sigma_total must be >= 0 (0 = no distributed DP), got {sa.noise_sigma_total}")
+    _in_range("secagg.noise_delta", sa.noise_delta, 0.0, 1.0, high_open=True)
+    if sa.noise_sigma_total == 0:
+        return
+    if sa.method != "paillier":
+        raise ConfigError(
+            f"secagg.noise_sigma_total={sa.noise_sigma_total} (distributed DP) needs secagg.method='paillier', got "
+            f"{sa.method!r}: only the Paillier clients add a noise share before encrypting"
+            + ("; without secure aggregation use privacy=central" if sa.method == "none" else "")
+        )
+    if sa.clip_norm <= 0:
+        raise ConfigError(
+            f"secagg.noise_sigma_total > 0 needs secagg.clip_norm > 0, got {sa.clip_norm}: the noise is meaningful "
+            "only against a sensitivity bound, and without an L2 clip one client can move the sum arbitrarily far"
+        )
+    if sa.max_weight != 1:
+        raise ConfigError(
+            f"secagg.noise_sigma_total > 0 needs secagg.max_weight=1, got {sa.max_weight}: an integer weight w "
+            "multiplies a client's clipped update (and its noise share) by w, so one client could move the sum "
+            "by w x clip_norm and the accounted sensitivity would be wrong"
+        )
+    if pv.central.enabled:
+        raise ConfigError(
+            "secagg.noise_sigma_total (distributed DP) and privacy.central.enabled do not combine: central DP "
+            "clips each client's update on the server, which under secure aggregation sees only the encrypted "
+            "sum; distributed DP is its secure-aggregation counterpart (each client adds a noise share, the "
+            "decrypted sum carries the central noise), so turn privacy.central off"
+        )
 
 
 def _validate_secaggplus(sa: SecAggConfig, num_clients: int) -> None:

@@ -12,6 +12,7 @@ from fedapp.metrics import read_jsonl
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_rounds(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -42,23 +43,47 @@ def plot_rounds(rows: list[dict[str, Any]], path: str | Path, title: str = "") -
     return out
 
 
+# How the user-level epsilon in a round row (``central_epsilon``) is labelled, by its ``dp_mode``.
+USER_LEVEL_LABELS = {
+    "central": "central DP (user-level, trusted server)",
+    "distributed": "distributed DP (user-level, against an\nhonest-but-curious server seeing only the sum)",
+}
+
+
+def user_level_mode(rows: list[dict[str, Any]]) -> str:
+    """``central`` or ``distributed``: which mechanism produced the rows' ``central_epsilon``."""
+    modes = {r["dp_mode"] for r in rows if r.get("dp_mode")}
+    return modes.pop() if len(modes) == 1 else "central"
+
+
 def plot_epsilon(clients: list[dict[str, Any]], rows: list[dict[str, Any]], path: str | Path) -> Path | None:
-    """Cumulative epsilon per client per round (DP-SGD ledger) and the central epsilon, if any."""
+    """Cumulative epsilon per client per round (DP-SGD ledger) and the user-level epsilon, if any.
+
+    The user-level curve is central DP's or, under Paillier with noise shares,
+    distributed DP's (against the server, which sees only the noisy sum); when
+    clients are subsampled, distributed DP's amplified epsilon for observers of
+    the released models only is drawn too.
+    """
     per_client: dict[str, list[tuple[int, float]]] = {}
     for rec in clients:
         if rec.get("epsilon") is not None:
             per_client.setdefault(str(rec["client"]), []).append((rec["round"], rec["epsilon"]))
     central = [(r["round"], r["central_epsilon"]) for r in rows if r.get("central_epsilon") is not None]
+    released = [(r["round"], r["released_epsilon"]) for r in rows if r.get("released_epsilon") is not None]
     if not per_client and not central:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for client, pts in sorted(per_client.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else kv[0]):
         ax.plot(*zip(*sorted(pts)), marker=".", lw=1, label=f"client {client}")
     if central:
-        ax.plot(*zip(*central), color="black", lw=2, ls="--", label="central (user-level)")
+        ax.plot(*zip(*central), color="black", lw=2, ls="--", label=USER_LEVEL_LABELS[user_level_mode(rows)])
+    if released:
+        label = "distributed DP, against observers\nof the released models only"
+        ax.plot(*zip(*released), color="gray", lw=1.5, ls=":", label=label)
     ax.set(xlabel="round", ylabel="cumulative epsilon", title="Privacy spent (whole run so far)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2 if len(per_client) > 4 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -116,6 +141,10 @@ def write_report(rows: list[dict[str, Any]], output_dir: str | Path, title: str 
     central = [r["central_epsilon"] for r in rows if r.get("central_epsilon") is not None]
     if central:
         summary["final_central_epsilon"] = central[-1]
+        summary["central_dp_mode"] = user_level_mode(rows)
+    released = [r["released_epsilon"] for r in rows if r.get("released_epsilon") is not None]
+    if released:
+        summary["final_released_epsilon"] = released[-1]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if rows:
         plot_rounds(rows, out / "rounds.png", title)
@@ -124,7 +153,7 @@ def write_report(rows: list[dict[str, Any]], output_dir: str | Path, title: str 
 
 
 def privacy_utility_rows(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
-    """One row per finished run: epsilon spent (max over clients), accuracy, noise, time.
+    """One row per finished run: epsilon spent (max over clients), user-level epsilon, accuracy, noise, time.
 
     Reads only what the runs wrote (``experiment.json``, ``summary.json``,
     ``clients.jsonl``), so it works on a benchmark's runs and on a Hydra sweep alike.
@@ -146,6 +175,8 @@ def privacy_utility_rows(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
                 "epsilon_spent": summary.get("final_epsilon_max"),
                 "delta": client_dp.get("delta") if client_dp.get("enabled") else None,
                 "noise_multiplier": max(sigmas) if sigmas else None,
+                "user_level_dp": summary.get("central_dp_mode"),  # central | distributed | None
+                "user_level_epsilon": summary.get("final_central_epsilon"),
                 "final_test_accuracy": summary.get("final_test_accuracy"),
                 "rounds": summary.get("rounds"),
                 "mean_round_time_s": summary.get("mean_round_time_s"),
@@ -155,27 +186,39 @@ def privacy_utility_rows(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
 
 
 def format_privacy_utility(rows: list[dict[str, Any]]) -> str:
-    """Fixed-width privacy-utility table."""
-    lines = [f"{'epsilon spent':>13}  {'sigma':>7}  {'test acc %':>10}  {'rounds':>6}  {'s/round':>7}"]
+    """Fixed-width privacy-utility table (record-level DP-SGD epsilon, user-level epsilon if any)."""
+    head = (("epsilon spent", 13), ("sigma", 7), ("user-level eps", 22), ("test acc %", 10), ("rounds", 6),
+            ("s/round", 7))
+    lines = ["  ".join(f"{name:>{width}}" for name, width in head)]
     for r in rows:
         eps = f"{r['epsilon_spent']:.3f}" if r["dp"] and r["epsilon_spent"] is not None else "no DP"
         sigma = f"{r['noise_multiplier']:.3f}" if r["noise_multiplier"] else "-"
+        user = r.get("user_level_epsilon")
+        user_eps = f"{user:.3f} ({r['user_level_dp']})" if user is not None else "-"
         acc = 100 * (r["final_test_accuracy"] or float("nan"))
         secs = r["mean_round_time_s"] or float("nan")
-        lines.append(f"{eps:>13}  {sigma:>7}  {acc:>10.2f}  {r['rounds']:>6}  {secs:>7.1f}")
+        lines.append(f"{eps:>13}  {sigma:>7}  {user_eps:>22}  {acc:>10.2f}  {r['rounds']:>6}  {secs:>7.1f}")
     return "\n".join(lines)
 
 
 def plot_privacy_utility(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Test accuracy against the epsilon each client spent over the whole run."""
+    """Test accuracy against the whole-run epsilon: per client (DP-SGD) and user-level (central or distributed)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     dp = [(r["epsilon_spent"], 100 * r["final_test_accuracy"]) for r in rows if r["dp"] and r["epsilon_spent"]]
     if dp:
         ax.plot(*zip(*sorted(dp)), marker="o", label="DP-SGD (cumulative epsilon per client)")
         for eps, acc in dp:
             ax.annotate(f"{acc:.1f}", (eps, acc), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    for mode in ("central", "distributed"):
+        pts = [
+            (r["user_level_epsilon"], 100 * r["final_test_accuracy"])
+            for r in rows
+            if r.get("user_level_dp") == mode and r["user_level_epsilon"] and r["final_test_accuracy"] is not None
+        ]
+        if pts:
+            ax.plot(*zip(*sorted(pts)), marker="s", ls="-.", label=USER_LEVEL_LABELS[mode].replace("\n", " "))
     for r in rows:
-        if not r["dp"] and r["final_test_accuracy"] is not None:
+        if not r["dp"] and r.get("user_level_epsilon") is None and r["final_test_accuracy"] is not None:
             ax.axhline(100 * r["final_test_accuracy"], ls="--", color="gray", label="no DP")
     ax.set_xscale("log")
     ax.set(xlabel="epsilon (delta = 1e-5), whole run", ylabel="test accuracy (%)", title=title or "Privacy vs utility")

@@ -8,14 +8,15 @@ Base aggregation rules are Flower's own (``FedAvg``, ``Krum``, ``FedTrimmedAvg``
 
 from __future__ import annotations
 
+from logging import WARNING
 from typing import Any, Callable
 
-from flwr.common import NDArrays, Scalar, ndarrays_to_parameters
+from flwr.common import NDArrays, Scalar, log, ndarrays_to_parameters
 from flwr.server.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, Krum, Strategy
 
 from fedapp.attacks import malicious_clients
 from fedapp.config import ConfigError, ExperimentConfig
-from fedapp.dp_strategy import CentralDPAccounting, ClientEpsilonRecording
+from fedapp.dp_strategy import CentralDPAccounting, ClientEpsilonRecording, DistributedDPAccounting
 from fedapp.exclusion import ClientExclusion, ExclusionList
 from fedapp.metrics import RunRecorder
 from fedapp.robustness import AnomalyQuarantine
@@ -145,7 +146,9 @@ def build_strategy(
     Outermost first: recording, client exclusion (declined replies never reach
     validation), client-epsilon recording, update validation, anomaly detection
     and quarantine (scores only well-formed updates; shares the exclusion list),
-    central DP, base rule.
+    central DP, base rule. With Paillier, distributed-DP accounting (if
+    ``secagg.noise_sigma_total`` > 0) and Paillier secure aggregation take the
+    place of update validation.
     """
     check_strategy_config(cfg)
     kwargs = _common(cfg) | {
@@ -188,6 +191,8 @@ def build_strategy(
     if cfg.secagg.method == "paillier":
         # Ciphertexts are validated by the wrapper itself (round, key, replay, length).
         strategy = _paillier(cfg, strategy)
+        if cfg.secagg.noise_sigma_total > 0:
+            strategy = _distributed_dp(cfg, strategy, recorder)
     else:
         strategy = UpdateValidation(strategy, recorder)
     if cfg.privacy.client.enabled:
@@ -215,6 +220,43 @@ def _paillier(cfg: ExperimentConfig, strategy: Strategy) -> Strategy:
         settings=settings_for(cfg.secagg, cfg.partition.num_clients),
         decryptors=cfg.secagg.decryptors,
         seed=cfg.seed,
+    )
+
+
+def _distributed_dp(cfg: ExperimentConfig, strategy: Strategy, recorder: RunRecorder) -> Strategy:
+    """User-level accounting of the clients' noise shares, directly around Paillier secure aggregation.
+
+    The shares are sized for ``partition.num_clients`` (as ``settings_for`` does);
+    the wrapper books each round at the contributors actually in the sum.
+    """
+    from fedapp.crypto import Quantizer, distributed_noise_std
+
+    sa, n = cfg.secagg, cfg.partition.num_clients
+    share = distributed_noise_std(sa.noise_sigma_total, n)
+    if share > sa.bound / 4:
+        log(
+            WARNING,
+            "distributed DP: each client's noise share (std %.3g) is above secagg.bound/4 = %.3g; noisy "
+            "coordinates beyond +-bound are clipped, which the Gaussian accounting does not cover: raise secagg.bound",
+            share, sa.bound / 4,
+        )
+    step = Quantizer(bound=sa.bound, bits=sa.bits).step
+    if step > share / 10:
+        log(
+            WARNING,
+            "distributed DP: the fixed-point step 2*bound/(2^bits-1) = %.3g is not far below the noise share "
+            "(std %.3g); the accounting treats the sum as real-valued Gaussian: raise secagg.bits",
+            step, share,
+        )
+    return DistributedDPAccounting(
+        strategy,
+        noise_sigma_total=sa.noise_sigma_total,
+        clip_norm=sa.clip_norm,
+        calibrated_for=n,
+        num_sampled_clients=min(_clients_per_round(cfg), n),
+        num_clients=n,
+        delta=sa.noise_delta,
+        recorder=recorder,
     )
 
 

@@ -2,6 +2,10 @@
 
     python simulations/run.py -m +experiment=dp_mnist privacy.client.target_epsilon=0.5,1,2,3,8
     python simulations/privacy_report.py multirun/dp_mnist/<time>      # writes privacy_utility.{json,png} there
+
+Each row has the record-level DP-SGD epsilon (max over clients) and, for runs with
+central or distributed DP (Paillier noise shares), the user-level epsilon, labelled by
+mechanism; the per-round curves are each run's own ``epsilon.png``.
 """
 
 from __future__ import annotations
