@@ -48,6 +48,7 @@ from fedapp.crypto.protocol import (
     SECAGG_ROUND,
     SECAGG_TOTAL_WEIGHT,
     SecAggSettings,
+    decode_decrypted,
     flatten,
     unflatten,
 )
@@ -179,7 +180,11 @@ class PaillierSecureAggregation(StrategyWrapper):
         def ask(proxy: ClientProxy) -> tuple[str, np.ndarray, int]:
             res = proxy.fit(ins, timeout=self.timeout, group_id=server_round)
             arrays = parameters_to_ndarrays(res.parameters)
-            return proxy.cid, np.asarray(arrays[0], dtype=np.float64), int(res.metrics[SECAGG_TOTAL_WEIGHT])
+            weight = int(res.metrics[SECAGG_TOTAL_WEIGHT])
+            if len(arrays) != 1:
+                raise CiphertextRejected("malformed", f"decryptor replied {len(arrays)} arrays, expected one")
+            total = decode_decrypted(arrays[0], weight, num_values=aggregate.num_values, settings=self.settings)
+            return proxy.cid, total, weight
 
         with ThreadPoolExecutor(max_workers=self.decryptors, thread_name_prefix="decryptor") as pool:
             pending = {pool.submit(ask, proxy): proxy for proxy in islice(waiting, self.decryptors)}

@@ -116,6 +116,57 @@ def test_decryptors_are_asked_at_the_same_time(keys):
     assert sum(c.decrypt_calls for c in clients) == 2
 
 
+class LyingDecryptor(FakeClient):
+    """Replies with a well-formed message whose decrypted codes are wrong in type, length or range."""
+
+    def __init__(self, cid: str, private_key, lie: str) -> None:
+        super().__init__(cid, private_key)
+        self.lie = lie
+
+    def fit(self, ins, timeout, group_id):
+        res = super().fit(ins, timeout, group_id)
+        if ins.config.get(SECAGG_MODE) != MODE_DECRYPT:
+            return res
+        codes = parameters_to_ndarrays(res.parameters)[0]
+        codes = {
+            "float": codes.astype(np.float64),
+            "short": codes[:-1],
+            "overflow": np.full_like(codes, np.iinfo(codes.dtype).max),
+        }[self.lie]
+        return FitRes(res.status, ndarrays_to_parameters([codes]), 0, res.metrics)
+
+
+@pytest.mark.parametrize("lie", ["float", "short", "overflow"])
+def test_a_malformed_decrypted_sum_is_refused_and_another_decryptor_asked(keys, lie):
+    clients = [LyingDecryptor("c0", keys[1], lie)] + [FakeClient(f"c{i}", keys[1]) for i in range(1, 4)]
+    deltas = {c.cid: _delta(i) for i, c in enumerate(clients)}
+    strategy, results = _round(keys, clients, deltas)
+    strategy._rng.shuffle = lambda proxies: proxies.sort(key=lambda p: p.cid)  # the liar is asked first
+
+    parameters, _ = strategy.aggregate_fit(1, results, [])
+
+    new = parameters_to_ndarrays(parameters)
+    expected = [g + np.mean([deltas[c][k] for c in deltas], axis=0) for k, g in enumerate(GLOBAL)]
+    assert all(np.max(np.abs(a - b)) <= SETTINGS.quantizer.error_bound(1) + 1e-6 for a, b in zip(new, expected))
+    assert [c.decrypt_calls for c in clients] == [1, 1, 1, 0]  # liar refused, c2 asked in its place
+
+
+def test_decryptors_send_back_exact_integer_codes_smaller_than_float64(keys):
+    public, private = keys
+    old = [np.zeros(300, dtype=np.float32)]
+    sent = [encrypt_update(old, [np.full(300, 0.01 * i, dtype=np.float32)], server_round=1, sender=str(i),
+                           public_key=public, settings=SETTINGS, private_key=private)[0] for i in range(2)]
+    from fedapp.crypto import EncryptedVector, add_encrypted
+
+    messages = [EncryptedVector.from_bytes(a, public) for a in sent]
+    request = [add_encrypted(messages, public).to_ndarray(public)]
+
+    (codes,), weight = decrypt_request(request, server_round=1, private_key=private, settings=SETTINGS)
+
+    assert codes.dtype == np.uint32 and codes.nbytes == 300 * 4  # 16-bit codes + headroom for 4 clients
+    assert weight == 2 and np.all(codes == codes[0])
+
+
 def test_replayed_and_stale_updates_are_refused(keys):
     clients = [FakeClient(f"c{i}", keys[1]) for i in range(3)]
     deltas = {c.cid: _delta(i) for i, c in enumerate(clients)}

@@ -71,6 +71,7 @@ from fedapp.crypto.vectors import (
     ReplayGuard,
     add_encrypted,
     decrypt_aggregate,
+    decrypt_slot_sums,
     encrypt_plaintexts,
     encrypt_vector,
 )
@@ -78,7 +79,7 @@ from fedapp.crypto.vectors import (
 __all__ = [
     "DEFAULT_KEY_BITS", "PRIVATE_KEY_FILE", "PUBLIC_KEY_FILE", "CiphertextRejected", "EncryptedVector", "LayoutError",
     "ObfuscatorPool", "PrivateKey", "PublicKey", "Quantizer", "ReplayGuard", "SlotLayout", "add_encrypted",
-    "assert_no_private_key", "decrypt_aggregate", "distributed_noise_std", "encrypt_plaintexts", "encrypt_vector",
+    "assert_no_private_key", "decrypt_aggregate", "decrypt_slot_sums", "distributed_noise_std", "encrypt_plaintexts", "encrypt_vector",
     "generate_keypair", "key_fingerprint", "load_private_key", "load_public_key", "make_obfuscators", "pack",
     "save_keypair", "unpack",
 ]

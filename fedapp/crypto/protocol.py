@@ -11,8 +11,11 @@ Round ``t`` of the protocol:
 2. The server validates and adds the ciphertexts (public key only).
 3. Still inside ``aggregate_fit``, the server sends the encrypted sum to a few
    decryptor clients with ``{SECAGG_MODE: "decrypt"}``; :func:`decrypt_request`
-   returns the weighted sum of the updates (float64) and its total weight.
-   The server cross-checks that the decryptors agree and applies the mean.
+   returns the weighted sum of the fixed-point codes (the smallest unsigned
+   integer type that holds a slot: 4 bytes a value for the default layout,
+   half of float64) and its total weight. The server cross-checks that the
+   decryptors agree, turns codes into values (:func:`decode_decrypted`) and
+   applies the mean.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 
 from fedapp.crypto.fixedpoint import Quantizer, SlotLayout
 from fedapp.crypto.keys import ObfuscatorPool, PrivateKey, PublicKey
-from fedapp.crypto.vectors import EncryptedVector, ReplayGuard, decrypt_aggregate, encrypt_vector
+from fedapp.crypto.vectors import CiphertextRejected, EncryptedVector, ReplayGuard, decrypt_slot_sums, encrypt_vector
 
 SECAGG_MODE = "secagg.mode"  # "encrypt" (train, send ciphertexts) or "decrypt" (decrypt the sum)
 SECAGG_ROUND = "secagg.round"
@@ -107,10 +110,12 @@ def decrypt_request(
     arrays: list[np.ndarray], *, server_round: int, private_key: PrivateKey, settings: SecAggSettings,
     replay_guard: ReplayGuard | None = None,
 ) -> tuple[list[np.ndarray], int]:
-    """Client step 3 (decryptors): the weighted sum of the round's updates and its total weight.
+    """Client step 3 (decryptors): the weighted sum of the round's fixed-point codes and its total weight.
 
     Refuses (:class:`~fedapp.crypto.CiphertextRejected`) anything not an
     aggregate of this round under this key with at least ``min_contributors``.
+    Codes, not floats, go back: they are exact (so two decryptors agree bit for
+    bit) and fit in ``slot_bits`` bits, which keeps the decryptors' upload small.
     """
     if len(arrays) != 1:
         raise ValueError(f"a decryption request carries one array, got {len(arrays)}")
@@ -120,5 +125,29 @@ def decrypt_request(
     )
     if msg.kind != "aggregate":
         raise ValueError(f"refusing to decrypt a single {msg.kind!r} from {msg.sender}")
-    total, weight = decrypt_aggregate(msg, private_key, min_contributors=settings.min_contributors)
-    return [total], weight
+    sums, weight = decrypt_slot_sums(msg, private_key, min_contributors=settings.min_contributors)
+    return [sums.astype(code_dtype(settings.layout))], weight
+
+
+def code_dtype(layout: SlotLayout) -> np.dtype:
+    """The smallest unsigned integer type that holds one slot of ``layout``."""
+    for dtype in (np.uint16, np.uint32, np.uint64):
+        if layout.slot_bits <= np.iinfo(dtype).bits:
+            return np.dtype(dtype)
+    raise ValueError(f"slots of {layout.slot_bits} bits do not fit 64-bit integers")
+
+
+def decode_decrypted(codes: np.ndarray, weight: int, *, num_values: int, settings: SecAggSettings) -> np.ndarray:
+    """Server side of step 3: a decryptor's codes back to the weighted sum of the updates (float64).
+
+    Checks the reply's type, length and range first, so a broken decryptor is
+    refused with a reason instead of corrupting the model.
+    """
+    codes = np.asarray(codes)
+    if codes.dtype != code_dtype(settings.layout) or codes.shape != (num_values,):
+        raise CiphertextRejected(
+            "malformed", f"decrypted sum of {codes.dtype} {codes.shape}, expected {code_dtype(settings.layout)} ({num_values},)"
+        )
+    if codes.size and int(codes.max()) >= 1 << settings.layout.slot_bits:
+        raise CiphertextRejected("malformed", f"decrypted code above the {settings.layout.slot_bits}-bit slot")
+    return settings.quantizer.decode_sum(codes.astype(np.int64), weight)

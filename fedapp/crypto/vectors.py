@@ -235,10 +235,10 @@ def add_encrypted(
     )
 
 
-def decrypt_aggregate(
+def decrypt_slot_sums(
     message: EncryptedVector, private_key: PrivateKey, *, min_contributors: int = 1
 ) -> tuple[np.ndarray, int]:
-    """Key-holder side: the weighted sum of the contributors' (clipped, quantised) vectors and its total weight.
+    """Key-holder side: the weighted sum of the contributors' fixed-point codes (int64) and its total weight.
 
     ``min_contributors`` (e.g. 2 or more) refuses to decrypt something that
     claims to sum fewer clients, so a decryptor is not a decryption oracle for
@@ -251,5 +251,12 @@ def decrypt_aggregate(
             "too_few_contributors", f"{len(set(message.contributors))} contributors, need >= {min_contributors}"
         )
     plaintexts = [private_key.phe.raw_decrypt(int(c)) for c in message.ciphertexts]
-    sums = unpack(plaintexts, message.num_values, message.layout)
-    return message.quantizer.decode_sum(sums, message.weight), message.weight
+    return unpack(plaintexts, message.num_values, message.layout), message.weight
+
+
+def decrypt_aggregate(
+    message: EncryptedVector, private_key: PrivateKey, *, min_contributors: int = 1
+) -> tuple[np.ndarray, int]:
+    """Key-holder side: the weighted sum of the contributors' (clipped, quantised) vectors and its total weight."""
+    sums, weight = decrypt_slot_sums(message, private_key, min_contributors=min_contributors)
+    return message.quantizer.decode_sum(sums, weight), weight
