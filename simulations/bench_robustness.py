@@ -16,8 +16,8 @@ nothing), so the rules are measured unaided and the detector is measured on
 the same updates; ``--defense detect`` lets it act. Results: ``robustness.json`` (final and best test
 accuracy, accuracy per round, wall time, and with ``--defense detect`` the
 detector's precision/recall per round) and ``robustness.png`` (heatmap of final
-accuracy, one panel per partition). Anything smaller than the full matrix is
-marked ``"reduced": true`` and, unless ``--results`` says otherwise, written to
+accuracy, one panel per partition). Anything smaller than the full matrix
+(for ``--defense detect``: less data, rounds or clients) is marked ``"reduced": true`` and, unless ``--results`` says otherwise, written to
 ``/tmp/fedapp_robustness_reduced/`` so it is never mistaken for the figures.
 """
 
@@ -130,9 +130,10 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=None, help="where robustness.json/.png go")
     args = parser.parse_args()
     strategies, attacks, partitions = (args.strategies.split(","), args.attacks.split(","), args.partitions.split(","))
-    reduced = (
+    subset = (set(strategies), set(attacks), set(partitions)) != (set(STRATEGIES), set(ATTACKS), set(PARTITIONS))
+    reduced = (  # the acting detector is judged on chosen cells, so a subset is not "reduced" there
         args.max_train_samples > 0 or args.rounds < 10 or args.num_clients != 20 or args.fraction != 0.2
-        or (set(strategies), set(attacks), set(partitions)) != (set(STRATEGIES), set(ATTACKS), set(PARTITIONS))
+        or (subset and args.defense != "detect")
     )
     results_dir = args.results or (REDUCED if reduced else RESULTS)
     results_dir.mkdir(parents=True, exist_ok=True)
