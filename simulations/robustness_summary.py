@@ -8,9 +8,13 @@ Writes ``robustness_summary.md`` beside the JSON and prints it:
   in percentage points from attack-free FedAvg on the same partition;
 * the figure "Trimmed Mean and Multi-Krum end within 2 pp of attack-free FedAvg
   under sign-flip, Gaussian, label-flip and scaling", cell by cell;
-* the passive detector's precision and recall in round 5 (and the worst of
-  rounds 5 to the end) per attack, over every run of that attack and partition:
-  the figure asks for >= 0.9 under Gaussian, sign-flip and scaling.
+* the passive detector per attack, over every run of that attack and
+  partition: the figure ("precision and recall >= 0.9 at flagging the
+  malicious clients by round 5" under Gaussian, sign-flip and scaling) is met
+  when every run has a round <= 5 whose flags reach both; the table also shows
+  the worst run's first such round, its precision/recall in round 5 itself and
+  the worst over rounds 5 to the end (a converged model makes some attacks
+  harmless and hard to tell apart, which shows there).
 """
 
 from __future__ import annotations
@@ -57,33 +61,38 @@ def accuracy_tables(cells: list[dict[str, Any]]) -> tuple[list[str], list[tuple[
 
 
 def detection_table(cells: list[dict[str, Any]]) -> tuple[list[str], list[tuple[str, str, bool]]]:
-    """Precision/recall of the passive detector in round 5, per partition and attack, over all rules' runs."""
-    lines = [f"### detector (passive), precision / recall in round {DETECTION_ROUND}, min over rules; "
-             f"worst over rounds {DETECTION_ROUND}-end in brackets", "",
-             "| partition | attack | precision | recall | runs |", "|---|---|---|---|---|"]
+    """The passive detector per partition and attack, over all rules' runs (worst run shown)."""
+    lines = ["### detector (passive, every rule's runs): worst run", "",
+             f"| partition | attack | first round with P and R >= 0.9 | precision / recall in round {DETECTION_ROUND} "
+             f"| worst P / R over rounds {DETECTION_ROUND}-end | runs |", "|---|---|---|---|---|---|"]
     verdicts: list[tuple[str, str, bool]] = []
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for c in cells:
         if c["attack"] != "none" and c.get("detection_per_round"):
             groups.setdefault((c["partition"], c["attack"]), []).append(c)
+
+    def worst(rows: list[dict[str, Any]], key: str) -> float:
+        """Lowest value; a round with no flags has no precision (skipped) and recall 0."""
+        values = [r[key] for r in rows if r[key] is not None]
+        return min(values) if values else float("nan")
+
     for (partition, attack), runs in groups.items():
-        at_round, later = [], []
+        firsts, at_round, later = [], [], []
         for run in runs:
-            rows = {r["round"]: r for r in run["detection_per_round"]}
-            if DETECTION_ROUND in rows:
-                at_round.append(rows[DETECTION_ROUND])
-            later += [r for k, r in rows.items() if k >= DETECTION_ROUND]
-
-        def worst(rows: list[dict[str, Any]], key: str) -> float:
-            """Lowest value; a round with no flags has no precision (skipped) and recall 0."""
-            values = [r[key] for r in rows if r[key] is not None]
-            return min(values) if values else float("nan")
-
-        p, r = worst(at_round, "detect_precision"), worst(at_round, "detect_recall")
-        lines.append(f"| {partition} | {attack} | {p:.2f} [{worst(later, 'detect_precision'):.2f}] | "
-                     f"{r:.2f} [{worst(later, 'detect_recall'):.2f}] | {len(runs)} |")
+            rows = sorted(run["detection_per_round"], key=lambda r: r["round"])
+            good = [r["round"] for r in rows
+                    if (r["detect_precision"] or 0) >= 0.9 and (r["detect_recall"] or 0) >= 0.9]
+            firsts.append(good[0] if good else None)
+            at_round += [r for r in rows if r["round"] == DETECTION_ROUND]
+            later += [r for r in rows if r["round"] >= DETECTION_ROUND]
+        first = None if None in firsts else max(firsts)
+        lines.append(
+            f"| {partition} | {attack} | {first if first is not None else 'never'} | "
+            f"{worst(at_round, 'detect_precision'):.2f} / {worst(at_round, 'detect_recall'):.2f} | "
+            f"{worst(later, 'detect_precision'):.2f} / {worst(later, 'detect_recall'):.2f} | {len(runs)} |"
+        )
         if attack in DETECTION_ATTACKS:
-            verdicts.append((partition, attack, p >= 0.9 and r >= 0.9))
+            verdicts.append((partition, attack, first is not None and first <= DETECTION_ROUND))
     return lines + [""], verdicts
 
 
@@ -103,7 +112,7 @@ def summary(result: dict[str, Any]) -> str:
         f"{', '.join(FIGURE_ATTACKS)}): {len(acc_verdicts) - len(missed)} of {len(acc_verdicts)} cells met"
         + (f"; missed: {', '.join(missed)}" if missed else ""),
         "",
-        f"Figure 2 (detector precision and recall >= 0.9 in round {DETECTION_ROUND} under "
+        f"Figure 2 (detector precision and recall >= 0.9 by round {DETECTION_ROUND} under "
         f"{', '.join(DETECTION_ATTACKS)}, worst run): {len(det_verdicts) - len(det_missed)} of {len(det_verdicts)} met"
         + (f"; missed: {', '.join(det_missed)}" if det_missed else ""),
         "",

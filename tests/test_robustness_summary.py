@@ -28,14 +28,16 @@ def test_a_rule_more_than_two_points_below_attack_free_fedavg_misses_the_figure(
     assert verdicts == [("iid", "trimmedmean", "gaussian", False), ("iid", "multikrum", "gaussian", True)]
 
 
-def test_detection_is_judged_on_round_five_of_the_worst_run():
-    good = [(1.0, 1.0)] * 5
-    late = [(1.0, 1.0)] * 4 + [(1.0, 0.75)]
-    cells = [cell("fedavg", "scaling", 0.1, good), cell("median", "scaling", 0.97, late), cell("fedavg", "gaussian", 0.1, good)]
+def test_detection_must_reach_the_mark_by_round_five_in_every_run():
+    early = [(1.0, 1.0)] + [(None, 0.0)] * 5  # flagged at once, silent later: met
+    too_late = [(1.0, 0.5)] * 5 + [(1.0, 1.0)]  # full recall only in round 6: missed
+    cells = [cell("fedavg", "scaling", 0.1, early), cell("median", "scaling", 0.97, too_late),
+             cell("fedavg", "gaussian", 0.1, early)]
 
-    _, verdicts = robustness_summary.detection_table(cells)
+    lines, verdicts = robustness_summary.detection_table(cells)
 
     assert dict(((p, a), ok) for p, a, ok in verdicts) == {("iid", "scaling"): False, ("iid", "gaussian"): True}
+    assert any(line.startswith("| iid | scaling | 6 |") for line in lines)
 
 
 def test_summary_names_what_was_missed(tmp_path):
