@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--partitions", default=",".join(PARTITIONS))
     parser.add_argument("--defense", choices=("none", "monitor", "detect"), default="monitor",
                         help="detector off, watching only (default), or dropping/quarantining")
-    parser.add_argument("--model", default="cnn_mnist_small")
+    parser.add_argument("--model", default="cnn_mnist_small", help="the robust_mnist preset's model by default")
     parser.add_argument("--rounds", type=int, default=10, help="0 = the preset's num_rounds")
     parser.add_argument("--max-train-samples", type=int, default=0, help="0 = all 60,000")
     parser.add_argument("--num-clients", type=int, default=20)
