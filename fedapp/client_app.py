@@ -28,7 +28,7 @@ from fedapp.attacks import Attack, AttackContext, attack_rng, malicious_clients,
 from fedapp.components import client_data, new_model
 from fedapp.config import ConfigError, ExperimentConfig
 from fedapp.crypto import PrivateKey, load_private_key
-from fedapp.crypto.pool_files import pool_path, refill_in_background, remaining, take_obfuscators
+from fedapp.crypto.pool_files import pool_path, refill_in_background, take_obfuscators
 from fedapp.crypto.protocol import (
     MODE_DECRYPT,
     MODE_ENCRYPT,
@@ -100,7 +100,7 @@ class FedappClient(NumPyClient):
             old, new, server_round=int(config[SECAGG_ROUND]), sender=str(self.partition_id),
             public_key=private_key.public_key, settings=settings, private_key=private_key, pool=pool,
         )
-        if path is not None and remaining(path) < needed:  # an offline pool ran dry: refill after the reply
+        if path is not None and not path.exists():  # the pool ran dry (nothing was written back): refill
             refill_in_background(path, private_key, needed)
         return encrypted
 

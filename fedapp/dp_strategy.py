@@ -74,6 +74,13 @@ class UserLevelLedger:
         return f"UserLevelLedger(q={self.sample_rate:g}, delta={self.delta:g}, {self.ledger!r})"
 
 
+def client_sample_rate(num_sampled_clients: int, num_clients: int) -> float:
+    """q = m / N, the chance that a given client is in a round's sample; refuses impossible counts."""
+    if not 0 < num_sampled_clients <= num_clients:
+        raise ValueError(f"need 0 < num_sampled_clients <= num_clients, got {num_sampled_clients}, {num_clients}")
+    return num_sampled_clients / num_clients
+
+
 def distributed_noise_multiplier(
     noise_sigma_total: float, *, contributors: int, calibrated_for: int, clip_norm: float
 ) -> float:
@@ -123,8 +130,6 @@ class CentralDPAccounting(StrategyWrapper):
         delta: float,
         recorder: RunRecorder | None = None,
     ) -> None:
-        if not 0 < num_sampled_clients <= num_clients:
-            raise ValueError(f"need 0 < num_sampled_clients <= num_clients, got {num_sampled_clients}, {num_clients}")
         if noise_multiplier <= 0:
             raise ValueError(f"noise_multiplier must be > 0 for central DP, got {noise_multiplier}")
         super().__init__(
@@ -132,7 +137,7 @@ class CentralDPAccounting(StrategyWrapper):
         )
         self.noise_multiplier = noise_multiplier
         self.num_sampled_clients = num_sampled_clients
-        self.ledger = UserLevelLedger(sample_rate=num_sampled_clients / num_clients, delta=delta)
+        self.ledger = UserLevelLedger(sample_rate=client_sample_rate(num_sampled_clients, num_clients), delta=delta)
         self.recorder = recorder
 
     def aggregate_fit(
@@ -201,8 +206,6 @@ class DistributedDPAccounting(StrategyWrapper):
         delta: float,
         recorder: RunRecorder | None = None,
     ) -> None:
-        if not 0 < num_sampled_clients <= num_clients:
-            raise ValueError(f"need 0 < num_sampled_clients <= num_clients, got {num_sampled_clients}, {num_clients}")
         if calibrated_for < 1:
             raise ValueError(f"calibrated_for must be >= 1, got {calibrated_for}")
         distributed_noise_multiplier(noise_sigma_total, contributors=1, calibrated_for=1, clip_norm=clip_norm)
@@ -211,7 +214,7 @@ class DistributedDPAccounting(StrategyWrapper):
         self.clip_norm = clip_norm
         self.calibrated_for = calibrated_for
         self.ledger = UserLevelLedger(sample_rate=1.0, delta=delta)
-        sample_rate = num_sampled_clients / num_clients
+        sample_rate = client_sample_rate(num_sampled_clients, num_clients)
         self.released = UserLevelLedger(sample_rate=sample_rate, delta=delta) if sample_rate < 1 else None
         self.recorder = recorder
 

@@ -1,45 +1,16 @@
-"""``fedapp-launch`` and ``python -m fedapp.launch``, kept as a module of its own.
+"""``fedapp-launch`` and ``python -m fedapp.launch``: the command-line entry point only.
 
-The console script (``pyproject.toml``), the docs, the tests and
-``simulations/run.py`` name ``fedapp.launch``; the code lives in
-:mod:`fedapp.deploy`, one module per job, and this name stays a stable front door.
+The console script in ``pyproject.toml`` and the Dockerfile name this module;
+the code lives in :mod:`fedapp.deploy` (import from there), one module per job.
 """
 
 from __future__ import annotations
 
 import sys
 
-from fedapp.deploy import (
-    CONNECTION,
-    MARKER_ENV,
-    STARTUP_TIMEOUT_S,
-    STATUS_COMPLETED,
-    LaunchError,
-    generate_certificates,
-    generate_node_keys,
-    load_experiment,
-    main,
-    project_root,
-    run_in_processes,
-    stage_app,
-    submit_run,
-)
+from fedapp.deploy.cli import main
 
-__all__ = [
-    "CONNECTION",
-    "LaunchError",
-    "MARKER_ENV",
-    "STARTUP_TIMEOUT_S",
-    "STATUS_COMPLETED",
-    "generate_certificates",
-    "generate_node_keys",
-    "load_experiment",
-    "main",
-    "project_root",
-    "run_in_processes",
-    "stage_app",
-    "submit_run",
-]
+__all__ = ["main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -47,7 +47,7 @@ def main(cfg: DictConfig) -> float | None:
         experiment = to_experiment(cfg)
         experiment.runtime.output_dir = HydraConfig.get().runtime.output_dir
         if experiment.runtime.mode == "processes":
-            from fedapp.launch import run_in_processes as run
+            from fedapp.deploy import run_in_processes as run
         else:
             from fedapp.simulation import run_in_simulation as run
         summary = run(experiment)

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from fedapp.config import ConfigError, ExperimentConfig
-from fedapp.launch import generate_certificates, generate_node_keys, load_experiment, project_root, stage_app
+from fedapp.deploy import generate_certificates, generate_node_keys, load_experiment, project_root, stage_app
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedapp.config import ExperimentConfig
-from fedapp.launch import LaunchError, MARKER_ENV, run_in_processes
+from fedapp.deploy import LaunchError, MARKER_ENV, run_in_processes
 from fedapp.metrics import read_jsonl
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ commands a multi-machine setup uses (see ``docs/deployment.md``), only on loopba
 It is the honest check that the apps work when every message starts a new ClientApp
 process and all state crosses a network boundary.
 
-One job a module, imports flowing downwards (import from ``fedapp.deploy``, or
-from :mod:`fedapp.launch`, the console script's module):
+One job a module, imports flowing downwards (import from ``fedapp.deploy``;
+:mod:`fedapp.launch` is only the console script's entry point):
 
 * :mod:`~fedapp.deploy.cli` -- ``fedapp-launch``: experiment file + overrides;
 * :mod:`~fedapp.deploy.runner` -- :func:`run_in_processes` (loopback federation)
