@@ -42,9 +42,10 @@ from fedapp.crypto.protocol import (
     settings_for,
 )
 from fedapp.datasets import dataset_spec
-from fedapp.privacy import PrivacyLedger, make_private, more_spent, plan_client_dp
+from fedapp.dp_fedsgd import SharedNoisePlan, noisy_gradient_step, plan_shared_noise
+from fedapp.privacy import DPPlan, PrivacyLedger, make_private, more_spent, plan_client_dp
 from fedapp.runconfig import experiment_from_run_config
-from fedapp.training import evaluate, get_weights, make_optimizer, set_weights, train_epochs
+from fedapp.training import evaluate, get_weights, make_optimizer, round_lr, set_weights, train_epochs
 from fedapp.wrappers import CLIENT_ID_KEY, DECLINED_KEY, EPSILON_KEY, REASON_CODE_KEY, REASON_KEY
 
 NextHandler = Callable[[Message, Context], Message]  # what a client mod calls to go on
@@ -81,6 +82,7 @@ class FedappClient(NumPyClient):
         if ctx is not None and not metrics.get(DECLINED_KEY):  # a decline is not an update: nothing to poison
             new = poison_weights(self.attack, parameters, new, ctx)
         if config.get(SECAGG_MODE) == MODE_ENCRYPT and not metrics.get(DECLINED_KEY):
+            metrics["secagg_clamped"] = clamped_values(parameters, new, self.cfg.secagg.bound)
             new = self._encrypt_update(parameters, new, config)
         return new, num_examples, metrics
 
@@ -139,8 +141,9 @@ class FedappClient(NumPyClient):
         set_weights(self.model, parameters)
         server_round = int(config.get("server_round", 0))
         train_set = self.train_set if ctx is None else poisoned_labels(self.train_set, self.attack, ctx)
-        if self.cfg.privacy.client.enabled:
-            torch.manual_seed(train_seed(self.cfg, server_round, self.partition_id))
+        if self.cfg.privacy.client.enabled and self.cfg.privacy.client.mode == "distributed":
+            return self._fit_shared_noise(parameters, train_set, server_round)
+        if self.cfg.privacy.client.enabled:  # sampling and noise are drawn from the OS, not from cfg.seed
             loader = DataLoader(train_set, batch_size=self.cfg.client.batch_size, shuffle=True)
             optimizer = make_optimizer(self.cfg.client, self.model.parameters(), server_round)
             return self._fit_private(parameters, loader, optimizer, server_round)
@@ -161,27 +164,9 @@ class FedappClient(NumPyClient):
             warn=False,  # said once at start-up (components.check_client_dp)
         )
         ledger = self.load_ledger(plan.accountant)
-        spent = ledger.epsilon(plan.delta)
-        if plan.epsilon_budget > 0:
-            projected = ledger.epsilon_after(
-                noise_multiplier=plan.noise_multiplier,
-                sample_rate=plan.sample_rate,
-                steps=plan.steps_per_round,
-                delta=plan.delta,
-            )
-            if projected > plan.epsilon_budget:
-                reason = (
-                    f"training round {server_round} would raise epsilon from {spent:.4f} to {projected:.4f}, "
-                    f"over the budget {plan.epsilon_budget:g} (delta {plan.delta:g})"
-                )
-                log(INFO, "Client %s declines: %s", self.partition_id, reason)
-                return parameters, 0, {
-                    CLIENT_ID_KEY: self.partition_id,
-                    DECLINED_KEY: 1,
-                    REASON_CODE_KEY: "privacy_budget",
-                    REASON_KEY: reason,
-                    EPSILON_KEY: spent,
-                }
+        decline = self._decline_over_budget(ledger, plan, parameters, server_round, steps=plan.steps_per_round)
+        if decline is not None:
+            return decline
         private_model, private_optimizer, private_loader = make_private(
             self.model, optimizer, loader, plan=plan, ledger=ledger
         )
@@ -197,6 +182,62 @@ class FedappClient(NumPyClient):
             "noise_multiplier": plan.noise_multiplier,
             "dp_steps": ledger.steps,
             **metrics,
+        }
+
+    def _fit_shared_noise(
+        self, parameters: NDArrays, train_set: Dataset, server_round: int
+    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """One DP-SGD step with a share of the noise (record-level DP-FedSGD, :mod:`fedapp.dp_fedsgd`)."""
+        plan = plan_shared_noise(
+            self.cfg.privacy.client, min_contributors=self.cfg.secagg.min_contributors,
+            num_rounds=self.cfg.num_rounds, batch_size=self.cfg.client.batch_size,
+        )
+        ledger = self.load_ledger(plan.accountant)
+        decline = self._decline_over_budget(ledger, plan, parameters, server_round, steps=1)
+        if decline is not None:
+            return decline
+        try:
+            metrics = noisy_gradient_step(
+                self.model, train_set, plan=plan, lr=round_lr(self.cfg.client, server_round),
+                device=self.cfg.runtime.device,
+            )
+        finally:  # booked even if the step failed half way: never under-report
+            ledger.record(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=1)
+            self.save_ledger(ledger)
+        return get_weights(self.model), len(self.train_set), {
+            CLIENT_ID_KEY: self.partition_id,
+            EPSILON_KEY: ledger.epsilon(plan.delta),
+            "delta": plan.delta,
+            "noise_multiplier": plan.noise_multiplier,
+            "noise_share_multiplier": plan.share_multiplier,
+            "dp_steps": ledger.steps,
+            **metrics,
+        }
+
+    def _decline_over_budget(
+        self, ledger: PrivacyLedger, plan: DPPlan | SharedNoisePlan, parameters: NDArrays, server_round: int,
+        *, steps: int,
+    ) -> tuple[NDArrays, int, dict[str, Scalar]] | None:
+        """An explicit decline (not an exception) when this round's steps would pass the budget."""
+        if plan.epsilon_budget <= 0:
+            return None
+        projected = ledger.epsilon_after(
+            noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=steps, delta=plan.delta
+        )
+        if projected <= plan.epsilon_budget:
+            return None
+        spent = ledger.epsilon(plan.delta)
+        reason = (
+            f"training round {server_round} would raise epsilon from {spent:.4f} to {projected:.4f}, "
+            f"over the budget {plan.epsilon_budget:g} (delta {plan.delta:g})"
+        )
+        log(INFO, "Client %s declines: %s", self.partition_id, reason)
+        return parameters, 0, {
+            CLIENT_ID_KEY: self.partition_id,
+            DECLINED_KEY: 1,
+            REASON_CODE_KEY: "privacy_budget",
+            REASON_KEY: reason,
+            EPSILON_KEY: spent,
         }
 
     def _ledger_path(self) -> Path | None:
@@ -237,6 +278,15 @@ class FedappClient(NumPyClient):
             return 0.0, 0, {CLIENT_ID_KEY: self.partition_id}
         loss, acc = evaluate(self.model, self.val_set, self.cfg.runtime.eval_batch_size, self.cfg.runtime.device)
         return loss, len(self.val_set), {CLIENT_ID_KEY: self.partition_id, "accuracy": acc}
+
+
+def clamped_values(old: NDArrays, new: NDArrays, bound: float) -> int:
+    """How many coordinates of ``new - old`` Paillier's fixed point will clamp to ``[-bound, bound]``.
+
+    Reported so that a clamp (which the DP accounting of noise shares does not
+    cover, and which biases the mean) is visible in the run's client metrics.
+    """
+    return int(sum(np.count_nonzero(np.abs(n - o) > bound) for o, n in zip(old, new)))
 
 
 def train_seed(cfg: ExperimentConfig, server_round: int, partition_id: int) -> int:

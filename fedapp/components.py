@@ -6,17 +6,24 @@ simulation, the real SuperNodes and the tests all train on the same partitions.
 
 from __future__ import annotations
 
+import logging
+from logging import INFO, WARNING
+
 import torch
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 from fedapp.attacks import resolve_attack
 from fedapp.config import ConfigError, ExperimentConfig
+from fedapp.crypto.fixedpoint import Quantizer
 from fedapp.datasets import dataset_spec, labels_of, load_dataset
+from fedapp.dp_fedsgd import plan_shared_noise
 from fedapp.models import build_model, check_model
 from fedapp.partition import check_partition_config, partition_indices, train_val_split
 from fedapp.privacy import check_dp_model, plan_client_dp
 from fedapp.training import OPTIMIZERS
+
+log = logging.getLogger("flwr").log  # Flower's logger by name, without importing Flower here
 
 
 def check_experiment(cfg: ExperimentConfig, *, load_data: bool = True) -> None:
@@ -49,6 +56,9 @@ def check_client_dp(cfg: ExperimentConfig) -> None:
     The delta warning is given once, for the smallest client (the one it concerns most).
     """
     sizes = sorted({len(client_data(cfg, pid)[0]) for pid in range(cfg.partition.num_clients)})
+    if cfg.privacy.client.mode == "distributed":
+        check_shared_noise_dp(cfg, sizes)
+        return
     for size in sizes:
         plan_client_dp(
             cfg.privacy.client,
@@ -58,6 +68,36 @@ def check_client_dp(cfg: ExperimentConfig) -> None:
             num_rounds=cfg.num_rounds,
             warn=size == sizes[0],
         )
+
+
+def check_shared_noise_dp(cfg: ExperimentConfig, sizes: list[int]) -> None:
+    """Record-level DP-FedSGD: calibrate once, and warn where the numbers make it weaker than it looks.
+
+    The same plan holds for every client (it depends on the configuration only);
+    ``sizes`` are the clients' training-set sizes, smallest first.
+    """
+    dp, sa = cfg.privacy.client, cfg.secagg
+    plan = plan_shared_noise(
+        dp, min_contributors=sa.min_contributors, num_rounds=cfg.num_rounds, batch_size=cfg.client.batch_size
+    )
+    if dp.delta >= 1 / sizes[0]:
+        log(WARNING, "privacy.client.delta=%g is >= 1/N = %g for the smallest client (N=%d): use delta << 1/N",
+            dp.delta, 1 / sizes[0], sizes[0])
+    expected = [dp.sample_rate * n for n in (sizes[0], sizes[-1])]
+    if not all(0.75 * cfg.client.batch_size <= e <= 1.25 * cfg.client.batch_size for e in expected):
+        log(WARNING, "client.batch_size=%d divides every client's noisy gradient sum, but sample_rate x client size "
+            "gives expected batches of %.0f-%.0f: the step is scaled off by that ratio (privacy is unaffected)",
+            cfg.client.batch_size, *expected)
+    share_std = cfg.client.lr * plan.share_multiplier * plan.max_grad_norm / plan.normaliser
+    step = Quantizer(bound=sa.bound, bits=sa.bits).step
+    if step > share_std / 10 or sa.bound < 6 * share_std:
+        log(WARNING, "a client's noise share in its update has std %.3g (lr x share x C / B) but secagg's fixed point "
+            "has step %.3g and bound %.3g: keep step < std/10 and bound > 6 std (raise secagg.bits / bound), "
+            "since rounding and clamping each share is not covered by the Gaussian accounting",
+            share_std, step, sa.bound)
+    log(INFO, "record-level DP-FedSGD: sigma %.4f over %d shares (each %.4f), q %.4g, %d rounds, target epsilon %g "
+        "at delta %g", plan.noise_multiplier, plan.shares_counted, plan.share_multiplier, plan.sample_rate,
+        cfg.num_rounds, dp.target_epsilon, dp.delta)
 
 
 def new_model(cfg: ExperimentConfig) -> nn.Module:

@@ -105,6 +105,9 @@ class RuntimeConfig:
     ``mode`` is ``simulation`` (Flower's simulation engine on Ray) or ``processes``
     (one ``flower-superlink`` and ``num_clients`` ``flower-supernode`` processes).
     ``ray_address`` empty starts a local Ray; ``auto`` or ``ray://host:port`` joins a cluster.
+    ``eval_every`` evaluates the global model on the test set every that many
+    rounds (and always after the last): long runs of cheap rounds (DP-FedSGD)
+    would otherwise spend much of their time evaluating.
     """
 
     mode: str = "simulation"
@@ -113,6 +116,7 @@ class RuntimeConfig:
     num_gpus_per_client: float = 0.0
     ray_address: str = ""
     eval_batch_size: int = 1000
+    eval_every: int = 1
     device: str = "cpu"
     superlink_port: int = 9092
     tls: bool = False
@@ -132,9 +136,18 @@ class ClientDPConfig:
     client's ledger to disk so the spent budget survives a SuperNode restart.
     ``fix_model`` lets Opacus replace layers it cannot handle (BatchNorm ->
     GroupNorm) instead of rejecting the model.
+
+    ``mode`` is ``local`` (the above: every client adds all the noise its
+    epsilon needs) or ``distributed`` (record-level DP-FedSGD under Paillier
+    secure aggregation, :mod:`fedapp.dp_fedsgd`): each round a client takes
+    one DP-SGD step on a Poisson sample at ``sample_rate`` and adds only a
+    share of the noise, so that ``secagg.min_contributors - 1`` shares carry
+    sigma; its ledger books one step at ``(sigma, sample_rate)`` per round.
     """
 
     enabled: bool = False
+    mode: str = "local"
+    sample_rate: float = 0.0
     noise_multiplier: float = 0.0
     target_epsilon: float = 0.0
     delta: float = 1e-5
@@ -362,11 +375,13 @@ class ExperimentConfig:
         if r.num_gpus_per_client < 0:
             raise ConfigError(f"runtime.num_gpus_per_client must be >= 0, got {r.num_gpus_per_client}")
         _positive_int("runtime.eval_batch_size", r.eval_batch_size)
+        _positive_int("runtime.eval_every", r.eval_every)
         _in_range("runtime.superlink_port", r.superlink_port, 1024, 65535, low_open=False, high_open=False)
         _positive_int("runtime.timeout_s", r.timeout_s)
         _validate_privacy(self.privacy)
         _validate_secagg(self.secagg, p.num_clients)
         _validate_distributed_dp(self.secagg, self.privacy)
+        _validate_shared_noise_dp(self.privacy.client, self.secagg, c)
         _validate_robustness(self.attack, self.defense, p.num_clients)
 
 
@@ -455,6 +470,47 @@ def _validate_distributed_dp(sa: SecAggConfig, pv: PrivacyConfig) -> None:
             "sum; distributed DP is its secure-aggregation counterpart (each client adds a noise share, the "
             "decrypted sum carries the central noise), so turn privacy.central off"
         )
+
+
+CLIENT_DP_MODES = ("local", "distributed")
+
+
+def _validate_shared_noise_dp(dp: ClientDPConfig, sa: SecAggConfig, client: ClientConfig) -> None:
+    """Record-level DP-FedSGD (``privacy.client.mode=distributed``) only where its accounting holds."""
+    if dp.mode not in CLIENT_DP_MODES:
+        raise ConfigError(f"privacy.client.mode must be one of {list(CLIENT_DP_MODES)}, got {dp.mode!r}")
+    if not dp.enabled or dp.mode == "local":
+        return
+    why = "privacy.client.mode='distributed' "
+    if sa.method != "paillier":
+        raise ConfigError(
+            why + f"needs secagg.method='paillier', got {sa.method!r}: each client adds only a share of the "
+            "noise, which protects its records only if nobody sees its update outside the decrypted sum"
+        )
+    if sa.min_contributors < 2:
+        raise ConfigError(
+            why + f"needs secagg.min_contributors >= 2, got {sa.min_contributors}: the noise is counted over "
+            "min_contributors - 1 shares (so that even a decryptor, who knows its own share, faces sigma)"
+        )
+    if sa.noise_sigma_total > 0 or sa.clip_norm > 0:
+        raise ConfigError(
+            why + "adds its own noise shares and bounds each record by per-sample clipping; set "
+            f"secagg.noise_sigma_total=0 and secagg.clip_norm=0 (got {sa.noise_sigma_total}, {sa.clip_norm}): "
+            "user-level noise or a clip of the whole update on top would change the sum's sensitivity analysis"
+        )
+    if sa.max_weight != 1:
+        raise ConfigError(
+            why + f"needs secagg.max_weight=1, got {sa.max_weight}: a weight w would multiply one client's records "
+            "(and its noise share) by w"
+        )
+    if client.optimizer != "sgd" or client.momentum != 0 or client.weight_decay != 0 or client.local_epochs != 1:
+        raise ConfigError(
+            why + "takes exactly one plain SGD step per round, so that the decrypted mean is one noisy gradient "
+            "step on the union of the data; set client.optimizer=sgd, client.momentum=0, client.weight_decay=0 "
+            f"and client.local_epochs=1 (got {client.optimizer!r}, {client.momentum}, {client.weight_decay}, "
+            f"{client.local_epochs}); use strategy.server_momentum for momentum"
+        )
+    _in_range("privacy.client.sample_rate", dp.sample_rate, 0.0, 1.0)
 
 
 def _validate_secaggplus(sa: SecAggConfig, num_clients: int) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 from copy import deepcopy
 from dataclasses import dataclass
 from functools import lru_cache
@@ -155,6 +156,17 @@ def poisson_plan(num_samples: int, batch_size: int) -> tuple[float, int]:
     return sample_rate, int(1 / sample_rate)
 
 
+def private_generator() -> torch.Generator:
+    """A generator seeded from the OS, never from ``cfg.seed``.
+
+    The Poisson sample and the noise must be secret: a server that knows the
+    experiment's seed could otherwise redraw both and subtract the noise.
+    (torch's generator is not a CSPRNG; Opacus's ``secure_mode`` would need
+    ``torchcsprng``, which has no build for this torch.)
+    """
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
 @lru_cache(maxsize=64)
 def calibrate_noise_multiplier(
     *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
@@ -285,6 +297,8 @@ def make_private(
         raise ValueError(f"ledger uses {ledger.mechanism!r} but the plan says {plan.accountant!r}")
     engine = PrivacyEngine(accountant=plan.accountant)
     engine.accountant = ledger.accountant  # the hook make_private attaches steps this accountant
+    secret = private_generator()
+    engine.secure_rng = secret  # Opacus's Poisson loader draws its batches from this generator
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -294,6 +308,7 @@ def make_private(
         poisson_sampling=True,
         grad_sample_mode=grad_sample_mode,
         rand_on_empty=True,  # an empty Poisson batch still takes a (noise-only) step, as accounted
+        noise_generator=secret,  # sample and noise never derive from cfg.seed, which the server knows
     )
     if abs(private_loader.sample_rate - plan.sample_rate) > 1e-12:
         raise RuntimeError(

@@ -37,11 +37,16 @@ from fedapp.training import evaluate, get_weights, set_weights
 
 
 def centralized_evaluator(cfg: ExperimentConfig) -> EvaluateFn:
-    """Evaluate the global model on the held-out test set (called every round)."""
+    """Evaluate the global model on the held-out test set every ``runtime.eval_every`` rounds and the last."""
     model = new_model(cfg)
     test_set = test_data(cfg)
+    every = cfg.runtime.eval_every
 
-    def evaluate_fn(server_round: int, weights: NDArrays, config: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]]:
+    def evaluate_fn(
+        server_round: int, weights: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        if server_round % every and server_round != cfg.num_rounds:
+            return None
         set_weights(model, weights)
         loss, acc = evaluate(model, test_set, cfg.runtime.eval_batch_size, cfg.runtime.device)
         return loss, {"test_accuracy": acc}

@@ -20,6 +20,7 @@ from fedapp.dp_strategy import CentralDPAccounting, ClientEpsilonRecording, Dist
 from fedapp.exclusion import ClientExclusion, ExclusionList
 from fedapp.metrics import RunRecorder
 from fedapp.robustness import AnomalyQuarantine
+from fedapp.server_momentum import ServerMomentum
 from fedapp.wrappers import MetricsRecording, UpdateValidation
 
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
@@ -92,7 +93,8 @@ def check_strategy_config(cfg: ExperimentConfig) -> None:
 
 
 # Base rules that need only the (weighted) mean of the updates, which is all secure aggregation yields.
-SECAGG_COMPATIBLE = {"paillier": ("fedavg",), "secaggplus": ("fedavg", "fedavgm")}
+# (Under Paillier, fedavgm is FedAvg inside the secure sum with ServerMomentum outside it.)
+SECAGG_COMPATIBLE = {"paillier": ("fedavg", "fedavgm"), "secaggplus": ("fedavg", "fedavgm")}
 
 
 def _check_secagg_combinations(cfg: ExperimentConfig) -> None:
@@ -146,9 +148,9 @@ def build_strategy(
     Outermost first: recording, client exclusion (declined replies never reach
     validation), client-epsilon recording, update validation, anomaly detection
     and quarantine (scores only well-formed updates; shares the exclusion list),
-    central DP, base rule. With Paillier, distributed-DP accounting (if
-    ``secagg.noise_sigma_total`` > 0) and Paillier secure aggregation take the
-    place of update validation.
+    central DP, base rule. With Paillier, server momentum (``fedavgm``),
+    distributed-DP accounting (if ``secagg.noise_sigma_total`` > 0) and Paillier
+    secure aggregation around plain FedAvg take the place of update validation.
     """
     check_strategy_config(cfg)
     kwargs = _common(cfg) | {
@@ -159,7 +161,8 @@ def build_strategy(
         "fit_metrics_aggregation_fn": _weighted_mean,
         "evaluate_metrics_aggregation_fn": _weighted_mean,
     }
-    strategy = BASE_STRATEGIES[cfg.strategy.name](cfg, kwargs)
+    momentum_outside = cfg.secagg.method == "paillier" and cfg.strategy.name == "fedavgm"
+    strategy = FedAvg(**kwargs) if momentum_outside else BASE_STRATEGIES[cfg.strategy.name](cfg, kwargs)
     central = cfg.privacy.central
     if central.enabled:
         strategy = CentralDPAccounting(
@@ -193,6 +196,10 @@ def build_strategy(
         strategy = _paillier(cfg, strategy)
         if cfg.secagg.noise_sigma_total > 0:
             strategy = _distributed_dp(cfg, strategy, recorder)
+        if momentum_outside:  # post-processing of the released mean: no privacy cost
+            strategy = ServerMomentum(
+                strategy, server_lr=cfg.strategy.server_lr, momentum=cfg.strategy.server_momentum
+            )
     else:
         strategy = UpdateValidation(strategy, recorder)
     if cfg.privacy.client.enabled:
