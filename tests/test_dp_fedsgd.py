@@ -273,3 +273,43 @@ def test_simulation_under_paillier_trains_and_books_every_round(tmp_path: Path) 
         assert eps == pytest.approx(google_rdp_epsilon(1.5, 1 / 6, 3), rel=0.01)
     assert rows[-1]["epsilon_max"] == pytest.approx(google_rdp_epsilon(1.5, 1 / 6, 3), rel=0.01)
     assert all(c.get("secagg_clamped", 0) == 0 for c in clients)
+
+
+# --- (f) start-up warnings where the numbers make the guarantee weaker than it looks --------------
+
+
+def test_fixed_point_too_coarse_for_the_noise_share_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: share std = lr sigma C / (B sqrt(m-1)) = 0.1 * 1.5 / (30 sqrt 2) = 3.5e-3; 4-bit step 2*1/15 = 0.13
+    import logging
+
+    from fedapp.components import check_shared_noise_dp
+
+    cfg = fedsgd_experiment(tmp_path)
+    cfg.secagg.bits = 4
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        check_shared_noise_dp(cfg, [180, 180, 180])
+
+    # Assert
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("raise secagg.bits / bound" in m for m in messages)
+    assert not any("scaled off" in m for m in messages)  # q N = 30 = B: no divisor warning
+
+
+def test_a_divisor_far_from_the_expected_batch_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from fedapp.components import check_shared_noise_dp
+
+    cfg = fedsgd_experiment(tmp_path)
+    cfg.client.batch_size = 100  # q N = 30
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        check_shared_noise_dp(cfg, [180, 180, 180])
+
+    assert any("scaled off" in r.getMessage() for r in caplog.records)

@@ -93,3 +93,4 @@ def test_build_strategy_puts_momentum_outside_paillier_around_plain_fedavg(tmp_p
 def test_impossible_momentum_is_refused() -> None:
     with pytest.raises(ValueError, match="momentum < 1"):
         ServerMomentum(FedAvg(), momentum=1.0)
+

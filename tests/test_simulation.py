@@ -85,3 +85,24 @@ def test_runner_reports_a_config_mistake_without_a_traceback(tmp_path: Path) -> 
     assert done.returncode == 2
     assert "partition.alpha must be > 0" in done.stdout + done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_central_evaluation_runs_every_eval_every_rounds_and_after_the_last() -> None:
+    # Prepare: 7 rounds, evaluate every 3 -> rounds 3, 6 and the last, 7
+    from fedapp.components import new_model
+    from fedapp.config import ExperimentConfig
+    from fedapp.server_app import centralized_evaluator
+    from fedapp.training import get_weights
+
+    cfg = ExperimentConfig.from_dict(
+        {"num_rounds": 7, "runtime": {"eval_every": 3}, "model": {"name": "cnn_mnist_small"},
+         "dataset": {"name": "synthetic-mnist", "synthetic_train_size": 100, "synthetic_test_size": 50}}
+    )
+    evaluate_fn = centralized_evaluator(cfg)
+    weights = get_weights(new_model(cfg))
+
+    # Execute
+    evaluated = [r for r in range(1, 8) if evaluate_fn(r, weights, {}) is not None]
+
+    # Assert
+    assert evaluated == [3, 6, 7]
