@@ -157,7 +157,7 @@ def noisy_gradient_step(
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
             loss_value, correct = loss.item() / len(indices), int((out.argmax(1) == y).sum().item())
-        else:  # no record sampled: the noise share alone (Opacus fills zero per-sample grads)
+        else:  # no record sampled: zero per-sample gradients, so the step is the noise share alone
             for p in module.parameters():
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         optimizer.step()  # clip each sample to C, sum, add N(0, (share*C)^2), divide by B, SGD step
@@ -167,6 +167,6 @@ def noisy_gradient_step(
 
 
 def _batch(data: Dataset, indices: list[int], device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The records at ``indices`` stacked (TensorDataset subsets are indexed in one go)."""
+    """The records at ``indices`` as one batch of inputs and one of labels."""
     xs, ys = zip(*(data[i] for i in indices))
     return torch.stack(xs).to(device), torch.as_tensor(ys).to(device)
