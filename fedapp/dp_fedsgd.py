@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedapp.config import ClientDPConfig, ConfigError
-from fedapp.privacy import ACCOUNTANTS, calibrate_noise_multiplier, private_generator
+from fedapp.privacy import ACCOUNTANTS, private_generator, sigma_and_budget
 
 
 @dataclass(frozen=True)
@@ -94,18 +94,7 @@ def plan_shared_noise(
             f"privacy.client.mode='distributed' needs 0 < privacy.client.sample_rate <= 1 (each record's chance "
             f"to be in a round's gradient), got {dp.sample_rate}"
         )
-    if dp.target_epsilon > 0:
-        sigma = calibrate_noise_multiplier(
-            target_epsilon=dp.target_epsilon, delta=dp.delta, sample_rate=dp.sample_rate, steps=num_rounds,
-            accountant=dp.accountant,
-        )
-        budget = dp.epsilon_budget or dp.target_epsilon
-    else:
-        sigma, budget = dp.noise_multiplier, dp.epsilon_budget
-    if sigma <= 0 or dp.max_grad_norm <= 0:
-        raise ConfigError(
-            f"client DP needs noise_multiplier > 0 and max_grad_norm > 0, got {sigma} and {dp.max_grad_norm}"
-        )
+    sigma, budget = sigma_and_budget(dp, sample_rate=dp.sample_rate, steps=num_rounds)
     counted = min_contributors - 1
     return SharedNoisePlan(
         noise_multiplier=sigma,
@@ -157,7 +146,7 @@ def noisy_gradient_step(
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
             loss_value, correct = loss.item() / len(indices), int((out.argmax(1) == y).sum().item())
-        else:  # no record sampled: the noise share alone (Opacus fills zero per-sample grads)
+        else:  # no record sampled: zero per-sample gradients, so the step is the noise share alone
             for p in module.parameters():
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         optimizer.step()  # clip each sample to C, sum, add N(0, (share*C)^2), divide by B, SGD step
@@ -167,6 +156,6 @@ def noisy_gradient_step(
 
 
 def _batch(data: Dataset, indices: list[int], device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The records at ``indices`` stacked (TensorDataset subsets are indexed in one go)."""
+    """The records at ``indices`` as one batch of inputs and one of labels."""
     xs, ys = zip(*(data[i] for i in indices))
     return torch.stack(xs).to(device), torch.as_tensor(ys).to(device)

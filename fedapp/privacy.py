@@ -209,6 +209,27 @@ class DPPlan:
     accountant: str
 
 
+def sigma_and_budget(dp: ClientDPConfig, *, sample_rate: float, steps: int) -> tuple[float, float]:
+    """Sigma (given, or calibrated so that ``steps`` steps at ``sample_rate`` spend the target) and the budget.
+
+    The budget defaults to the target epsilon; with sigma given, 0 (no cap)
+    unless ``epsilon_budget`` says otherwise.
+    """
+    if dp.target_epsilon > 0:
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=dp.target_epsilon, delta=dp.delta, sample_rate=sample_rate, steps=steps,
+            accountant=dp.accountant,
+        )
+        budget = dp.epsilon_budget or dp.target_epsilon
+    else:
+        sigma, budget = dp.noise_multiplier, dp.epsilon_budget
+    if sigma <= 0 or dp.max_grad_norm <= 0:
+        raise ConfigError(
+            f"client DP needs noise_multiplier > 0 and max_grad_norm > 0, got {sigma} and {dp.max_grad_norm}"
+        )
+    return sigma, budget
+
+
 def plan_client_dp(
     dp: ClientDPConfig, *, num_samples: int, batch_size: int, local_epochs: int, num_rounds: int, warn: bool = True
 ) -> DPPlan:
@@ -232,21 +253,7 @@ def plan_client_dp(
             1 / num_samples,
             num_samples,
         )
-    if dp.target_epsilon > 0:
-        sigma = calibrate_noise_multiplier(
-            target_epsilon=dp.target_epsilon,
-            delta=dp.delta,
-            sample_rate=sample_rate,
-            steps=num_rounds * steps_per_round,
-            accountant=dp.accountant,
-        )
-        budget = dp.epsilon_budget or dp.target_epsilon
-    else:
-        sigma, budget = dp.noise_multiplier, dp.epsilon_budget
-    if sigma <= 0 or dp.max_grad_norm <= 0:
-        raise ConfigError(
-            f"client DP needs noise_multiplier > 0 and max_grad_norm > 0, got {sigma} and {dp.max_grad_norm}"
-        )
+    sigma, budget = sigma_and_budget(dp, sample_rate=sample_rate, steps=num_rounds * steps_per_round)
     return DPPlan(sigma, dp.max_grad_norm, sample_rate, steps_per_round, dp.delta, budget, dp.accountant)
 
 
