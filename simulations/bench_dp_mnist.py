@@ -63,6 +63,17 @@ def paillier_key(experiment: str, out: Path, bits: int, overrides: list[str]) ->
     return [f"secagg.key_dir={key_dir}", f"secagg.key_bits={bits}"]
 
 
+def overrides_per_epsilon(specs: list[str]) -> dict[float, list[str]]:
+    """``["1=client.lr_decay=0.985", ...]`` as ``{1.0: ["client.lr_decay=0.985"], ...}``."""
+    out: dict[float, list[str]] = {}
+    for spec in specs:
+        eps, sep, override = spec.partition("=")
+        if not sep or "=" not in override:
+            raise SystemExit(f"--override-for needs EPS=KEY=VALUE, got {spec!r}")
+        out.setdefault(float(eps), []).append(override)
+    return out
+
+
 def judge(rows: list[dict]) -> dict:
     """Which targets the measured (epsilon, accuracy) pairs meet."""
     dp = [r for r in rows if r["dp"] and r["epsilon_spent"] is not None]
@@ -84,22 +95,32 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="runs go here (default: outputs/bench_<experiment>)")
     parser.add_argument("--key-bits", type=int, default=2048, help="Paillier key size for presets that need one")
     parser.add_argument("--results-name", default=None, help="results file stem (default: the experiment's name)")
+    parser.add_argument(
+        "--override-for", action="append", default=[], metavar="EPS=KEY=VALUE",
+        help="an override for one epsilon only, e.g. 1=client.lr_decay=0.985 (repeatable): noisier runs "
+             "may want another schedule; the json records each run's own overrides",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args()
     out = args.out or Path(f"outputs/bench_{args.experiment}")
     overrides = [*paillier_key(args.experiment, out, args.key_bits, args.overrides), *args.overrides]
 
+    per_epsilon = overrides_per_epsilon(args.override_for)
     run_dirs = []
     for eps in args.epsilons:  # in the order given: the headline epsilons first
-        run_dirs.append(run_setting(args.experiment, f"eps_{eps:g}", [f"privacy.client.target_epsilon={eps}", *overrides], out))
+        own = [f"privacy.client.target_epsilon={eps}", *overrides, *per_epsilon.get(eps, [])]
+        run_dirs.append(run_setting(args.experiment, f"eps_{eps:g}", own, out))
     if not args.no_baseline:
         run_dirs.append(run_setting(args.experiment, "no_dp", [*overrides, *args.baseline], out))
 
     rows = privacy_utility_rows(run_dirs)
+    for row in rows:
+        row["overrides"] = per_epsilon.get(row["target_epsilon"], []) if row["dp"] else list(args.baseline)
     cfg = compose_experiment([f"+experiment={args.experiment}", *overrides])
     result = {
         "command": f"python simulations/bench_dp_mnist.py --experiment {args.experiment} " + " ".join(
-            [f"--epsilons {' '.join(f'{e:g}' for e in args.epsilons)}", *args.overrides]
+            [f"--epsilons {' '.join(f'{e:g}' for e in args.epsilons)}",
+             *(f"--override-for {o}" for o in args.override_for), *args.overrides]
         ),
         "machine": f"{platform.node()} ({platform.machine()}, CPU only)",
         "setting": {
