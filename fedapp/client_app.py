@@ -281,10 +281,12 @@ class FedappClient(NumPyClient):
 
 
 def clamped_values(old: NDArrays, new: NDArrays, bound: float) -> int:
-    """How many coordinates of ``new - old`` Paillier's fixed point will clamp to ``[-bound, bound]``.
+    """How many coordinates of ``new - old`` lie outside Paillier's fixed-point range ``[-bound, bound]``.
 
-    Reported so that a clamp (which the DP accounting of noise shares does not
-    cover, and which biases the mean) is visible in the run's client metrics.
+    Counted on the update as it goes into encryption (a DP-FedSGD update already
+    holds its noise share; a user-level share and ``secagg.clip_norm`` come
+    after), and reported so that a clamp -- which biases the mean and which the
+    Gaussian accounting does not cover -- shows in ``clients.jsonl``.
     """
     return int(sum(np.count_nonzero(np.abs(n - o) > bound) for o, n in zip(old, new)))
 
