@@ -44,10 +44,13 @@ NON_PRIVATE = ["privacy=none", "secagg=none", "strategy=fedavg", "client.lr=0.05
                "client.batch_size=32", "client.lr_decay=1.0", "client.local_epochs=1", "num_rounds=20"]
 
 
-def run_setting(experiment: str, label: str, overrides: list[str], out_root: Path) -> Path:
+def run_setting(experiment: str, label: str, overrides: list[str], out_root: Path, *, reuse: bool = False) -> Path:
+    """Run one setting into ``out_root/label``; with ``reuse``, a finished run there is kept as it is."""
     cfg = compose_experiment([f"+experiment={experiment}", *overrides])
     cfg.runtime.output_dir = str(out_root / label)
-    run_in_simulation(cfg)
+    finished = Path(cfg.runtime.output_dir, "summary.json").exists()
+    if not (reuse and finished):
+        run_in_simulation(cfg)
     return Path(cfg.runtime.output_dir)
 
 
@@ -100,6 +103,8 @@ def main() -> None:
         help="an override for one epsilon only, e.g. 1=client.lr_decay=0.985 (repeatable): noisier runs "
              "may want another schedule; the json records each run's own overrides",
     )
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep runs that already finished under --out (resume a sweep; same settings assumed)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = parser.parse_args()
     out = args.out or Path(f"outputs/bench_{args.experiment}")
@@ -109,9 +114,9 @@ def main() -> None:
     run_dirs = []
     for eps in args.epsilons:  # in the order given: the headline epsilons first
         own = [f"privacy.client.target_epsilon={eps}", *overrides, *per_epsilon.get(eps, [])]
-        run_dirs.append(run_setting(args.experiment, f"eps_{eps:g}", own, out))
+        run_dirs.append(run_setting(args.experiment, f"eps_{eps:g}", own, out, reuse=args.reuse))
     if not args.no_baseline:
-        run_dirs.append(run_setting(args.experiment, "no_dp", [*overrides, *args.baseline], out))
+        run_dirs.append(run_setting(args.experiment, "no_dp", [*overrides, *args.baseline], out, reuse=args.reuse))
 
     rows = privacy_utility_rows(run_dirs)
     for row in rows:
