@@ -20,7 +20,7 @@ from fedapp.datasets import dataset_spec, labels_of, load_dataset
 from fedapp.dp_fedsgd import plan_shared_noise
 from fedapp.models import build_model, check_model
 from fedapp.partition import check_partition_config, partition_indices, train_val_split
-from fedapp.privacy import check_dp_model, plan_client_dp
+from fedapp.privacy import check_dp_model, plan_client_dp, warn_if_delta_too_large
 from fedapp.training import OPTIMIZERS
 
 log = logging.getLogger("flwr").log  # Flower's logger by name, without importing Flower here
@@ -80,9 +80,7 @@ def check_shared_noise_dp(cfg: ExperimentConfig, sizes: list[int]) -> None:
     plan = plan_shared_noise(
         dp, min_contributors=sa.min_contributors, num_rounds=cfg.num_rounds, batch_size=cfg.client.batch_size
     )
-    if dp.delta >= 1 / sizes[0]:
-        log(WARNING, "privacy.client.delta=%g is >= 1/N = %g for the smallest client (N=%d): use delta << 1/N",
-            dp.delta, 1 / sizes[0], sizes[0])
+    warn_if_delta_too_large(dp.delta, sizes[0])  # the smallest client, whom it concerns most
     expected = [dp.sample_rate * n for n in (sizes[0], sizes[-1])]
     if not all(0.75 * cfg.client.batch_size <= e <= 1.25 * cfg.client.batch_size for e in expected):
         log(WARNING, "client.batch_size=%d divides every client's noisy gradient sum, but sample_rate x client size "

@@ -209,6 +209,17 @@ class DPPlan:
     accountant: str
 
 
+def warn_if_delta_too_large(delta: float, num_samples: int) -> None:
+    """Log when ``delta >= 1/N``: such a delta permits leaking one whole record of a client with N records."""
+    if delta >= 1 / num_samples:
+        log(
+            WARNING,
+            "privacy.client.delta=%g is >= 1/N = %g for a client with N=%d records: the guarantee "
+            "then allows leaking a whole record; use delta << 1/N",
+            delta, 1 / num_samples, num_samples,
+        )
+
+
 def sigma_and_budget(dp: ClientDPConfig, *, sample_rate: float, steps: int) -> tuple[float, float]:
     """Sigma (given, or calibrated so that ``steps`` steps at ``sample_rate`` spend the target) and the budget.
 
@@ -244,15 +255,8 @@ def plan_client_dp(
         raise ConfigError(f"unknown privacy.client.accountant {dp.accountant!r}; valid: {list(ACCOUNTANTS)}")
     sample_rate, steps_per_epoch = poisson_plan(num_samples, batch_size)
     steps_per_round = local_epochs * steps_per_epoch
-    if warn and dp.delta >= 1 / num_samples:
-        log(
-            WARNING,
-            "privacy.client.delta=%g is >= 1/N = %g for a client with N=%d records: the guarantee "
-            "then allows leaking a whole record; use delta << 1/N",
-            dp.delta,
-            1 / num_samples,
-            num_samples,
-        )
+    if warn:
+        warn_if_delta_too_large(dp.delta, num_samples)
     sigma, budget = sigma_and_budget(dp, sample_rate=sample_rate, steps=num_rounds * steps_per_round)
     return DPPlan(sigma, dp.max_grad_norm, sample_rate, steps_per_round, dp.delta, budget, dp.accountant)
 
