@@ -13,7 +13,7 @@ simulated attack, as a real client's reply would be.
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +28,8 @@ from fedapp.attacks import Attack, AttackContext, attack_rng, malicious_clients,
 from fedapp.components import client_data, new_model
 from fedapp.config import ConfigError, ExperimentConfig
 from fedapp.crypto import PrivateKey, load_private_key
+from fedapp.crypto.contributions import DecryptionMemory, sign_contribution
+from fedapp.crypto.dealing import Party, is_threshold_key_dir, load_party
 from fedapp.crypto.pool_files import pool_path, refill_in_background, take_obfuscators
 from fedapp.crypto.protocol import (
     MODE_DECRYPT,
@@ -35,14 +37,17 @@ from fedapp.crypto.protocol import (
     SECAGG_KEY_ID,
     SECAGG_MODE,
     SECAGG_ROUND,
+    SECAGG_SHARE_INDEX,
     SECAGG_TOTAL_WEIGHT,
     SecAggSettings,
     decrypt_request,
     encrypt_update,
     settings_for,
+    threshold_partial_decrypt,
 )
 from fedapp.datasets import dataset_spec
 from fedapp.dp_fedsgd import SharedNoisePlan, noisy_gradient_step, plan_shared_noise
+from fedapp.release import make_release_mod
 from fedapp.privacy import DPPlan, PrivacyLedger, make_private, more_spent, plan_client_dp
 from fedapp.runconfig import experiment_from_run_config
 from fedapp.training import evaluate, get_weights, make_optimizer, round_lr, set_weights, train_epochs
@@ -50,6 +55,7 @@ from fedapp.wrappers import CLIENT_ID_KEY, DECLINED_KEY, EPSILON_KEY, REASON_COD
 
 NextHandler = Callable[[Message, Context], Message]  # what a client mod calls to go on
 LEDGER_STATE_KEY = "fedapp.privacy.ledger"  # where a client's DP ledger lives in context.state
+DECRYPTED_STATE_KEY = "fedapp.secagg.decrypted"  # which contribution set this decryptor helped decrypt, per round
 
 
 class FedappClient(NumPyClient):
@@ -62,10 +68,13 @@ class FedappClient(NumPyClient):
     other client's.
     """
 
-    def __init__(self, cfg: ExperimentConfig, partition_id: int, state: RecordDict | None = None) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, partition_id: int, state: RecordDict | None = None, run_id: int = 0
+    ) -> None:
         self.cfg = cfg
         self.partition_id = partition_id
         self.state = state if state is not None else RecordDict()
+        self.run_id = run_id  # signed into every Paillier contribution: a signature is valid for one run only
         self.model = new_model(cfg)
         self.train_set, self.val_set = client_data(cfg, partition_id)
         self.colluders = malicious_clients(cfg.attack, cfg.partition.num_clients)
@@ -82,7 +91,10 @@ class FedappClient(NumPyClient):
         if ctx is not None and not metrics.get(DECLINED_KEY):  # a decline is not an update: nothing to poison
             new = poison_weights(self.attack, parameters, new, ctx)
         if config.get(SECAGG_MODE) == MODE_ENCRYPT and not metrics.get(DECLINED_KEY):
-            metrics["secagg_clamped"] = clamped_values(parameters, new, self.cfg.secagg.bound)
+            clamped = clamped_values(parameters, new, self.cfg.secagg.bound)
+            if clamped:  # data-dependent: logged here, never sent (fedapp.release)
+                log(WARNING, "Client %s: %d coordinates clamped to secagg.bound=%g before encryption",
+                    self.partition_id, clamped, self.cfg.secagg.bound)
             new = self._encrypt_update(parameters, new, config)
         return new, num_examples, metrics
 
@@ -91,7 +103,42 @@ class FedappClient(NumPyClient):
         private_key = load_private_key(self.cfg.secagg.key_dir)
         return private_key, settings_for(self.cfg.secagg, self.cfg.partition.num_clients)
 
+    def _party(self) -> Party:
+        """This client's key share, signing key and own decryption policy (threshold keys)."""
+        party = load_party(self.cfg.secagg.key_dir, self.partition_id)
+        if party.policy.min_contributors != self.cfg.secagg.min_contributors:
+            raise ConfigError(
+                f"the run asks for secagg.min_contributors={self.cfg.secagg.min_contributors} but client "
+                f"{self.partition_id}'s own policy (dealt with its key share) says {party.policy.min_contributors}: "
+                "refusing, since noise shares and decryptions are sized by the client's policy"
+            )
+        return party
+
+    def _encrypt_signed(self, old: NDArrays, new: NDArrays, config: dict[str, Scalar]) -> NDArrays:
+        """Threshold keys: encrypt with the public key (or the offline pool), then sign the ciphertext."""
+        party = self._party()
+        settings = settings_for(self.cfg.secagg, self.cfg.partition.num_clients)
+        if config.get(SECAGG_KEY_ID) != party.public_key.key_id:
+            raise ValueError(f"server asks for key {config.get(SECAGG_KEY_ID)}, this client holds {party.public_key.key_id}")
+        needed = settings.layout.num_ciphertexts(int(sum(a.size for a in old)))
+        path = pool_path(self.cfg.secagg.pool_dir, self.partition_id) if self.cfg.secagg.pool_dir else None
+        pool = take_obfuscators(path, party.public_key, needed) if path is not None else None
+        server_round = int(config[SECAGG_ROUND])
+        [blob] = encrypt_update(
+            old, new, server_round=server_round, sender=party.sender, public_key=party.public_key,
+            settings=settings, pool=pool,
+        )
+        if path is not None and not path.exists():
+            refill_in_background(path, party.public_key, needed)
+        signature = sign_contribution(
+            party.signing_key, run_id=self.run_id, server_round=server_round, key_id=party.public_key.key_id,
+            sender=party.sender, blob=blob.tobytes(),
+        )
+        return [blob, signature]
+
     def _encrypt_update(self, old: NDArrays, new: NDArrays, config: dict[str, Scalar]) -> NDArrays:
+        if is_threshold_key_dir(self.cfg.secagg.key_dir):
+            return self._encrypt_signed(old, new, config)
         private_key, settings = self._secagg()
         if config.get(SECAGG_KEY_ID) != private_key.key_id:
             raise ValueError(f"server asks for key {config.get(SECAGG_KEY_ID)}, this client holds {private_key.key_id}")
@@ -106,8 +153,23 @@ class FedappClient(NumPyClient):
             refill_in_background(path, private_key, needed)
         return encrypted
 
+    def _partial_decrypt(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """Threshold decryptor step: signed updates in, checked and summed here, one partial decryption out."""
+        party = self._party()
+        record = self.state.get(DECRYPTED_STATE_KEY)
+        memory = DecryptionMemory(dict(record) if record is not None else None)
+        partials = threshold_partial_decrypt(
+            parameters, share=party.share, policy=party.policy, memory=memory, run_id=self.run_id,
+            server_round=int(config[SECAGG_ROUND]),
+            settings=settings_for(self.cfg.secagg, self.cfg.partition.num_clients),
+        )
+        self.state[DECRYPTED_STATE_KEY] = ConfigRecord(memory.seen)
+        return [partials], 0, {CLIENT_ID_KEY: self.partition_id, SECAGG_SHARE_INDEX: party.share.index}
+
     def _decrypt_aggregate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """Decryptor step: the round's encrypted sum in, the plaintext sum and its weight out."""
+        if is_threshold_key_dir(self.cfg.secagg.key_dir):
+            return self._partial_decrypt(parameters, config)
         private_key, settings = self._secagg()
         arrays, weight = decrypt_request(
             parameters, server_round=int(config[SECAGG_ROUND]), private_key=private_key, settings=settings
@@ -367,19 +429,33 @@ def make_client_app(cfg: ExperimentConfig | None = None) -> ClientApp:
     def client_fn(context: Context):  # noqa: ANN202 - flwr.client.Client
         experiment = experiment_of(context)
         torch.set_num_threads(max(1, int(experiment.runtime.num_cpus_per_client)))
-        return FedappClient(experiment, partition_id_of(context, experiment), context.state).to_client()
+        return FedappClient(
+            experiment, partition_id_of(context, experiment), context.state, run_id=context.run_id
+        ).to_client()
 
     def secagg_mod(msg: Message, context: Context, call_next: NextHandler) -> Message:
         """Flower's ``secaggplus_mod`` when the experiment says ``secagg.method=secaggplus``.
 
         Decided per message because under ``flwr run`` the configuration only
         arrives with the run (``context.run_config``), after the app is built.
+        Under record-level DP-FedSGD it is :func:`fedapp.dp_fedsgd.dp_fedsgd_secaggplus_mod`
+        (refuses rounds that could unmask fewer than ``min_contributors`` noise shares).
         """
-        if experiment_of(context).secagg.method == "secaggplus":
-            return secaggplus_mod(msg, context, call_next)
-        return call_next(msg, context)
+        experiment = experiment_of(context)
+        if experiment.secagg.method != "secaggplus":
+            return call_next(msg, context)
+        dp = experiment.privacy.client
+        if dp.enabled and dp.mode == "distributed":  # noise shares: refuse small rounds, unit weights
+            from fedapp.dp_fedsgd import dp_fedsgd_secaggplus_mod
 
-    return ClientApp(client_fn=client_fn, mods=[secagg_mod])
+            return dp_fedsgd_secaggplus_mod(
+                msg, context, call_next, min_contributors=experiment.secagg.min_contributors,
+                clipping_range=experiment.secagg.clipping_range,
+            )
+        return secaggplus_mod(msg, context, call_next)
+
+    # Innermost last: the release surface filters the client's own reply before SecAgg+ masks it.
+    return ClientApp(client_fn=client_fn, mods=[secagg_mod, make_release_mod(experiment_of)])
 
 
 app = make_client_app()

@@ -7,6 +7,7 @@ simulation, the real SuperNodes and the tests all train on the same partitions.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from logging import INFO, WARNING
 
 import torch
@@ -43,11 +44,64 @@ def check_experiment(cfg: ExperimentConfig, *, load_data: bool = True) -> None:
     check_strategy_config(cfg)
     resolve_attack(cfg.attack.name)  # an unknown name or a dotted path that does not import fails here
     new_model(cfg)  # a model DP-SGD cannot train fails here, with Opacus's reasons
+    if cfg.secagg.method == "paillier":
+        check_paillier_keys(cfg)
     if load_data:
         train, _ = load_dataset(cfg.dataset)
         check_partition_config(cfg.partition, len(train))
         if cfg.privacy.client.enabled:
             check_client_dp(cfg)
+
+
+def check_paillier_keys(cfg: ExperimentConfig) -> None:
+    """The key folder exists, and no DP guarantee rests on a key every client holds whole.
+
+    With a single key pair (``python -m fedapp.keys generate``) any client that
+    colludes with the server decrypts every upload, each carrying one noise
+    share: refused under DP, warned about otherwise. With dealt threshold keys
+    (``python -m fedapp.keys deal``), a policy that lets two disjoint groups of
+    decryptors release two different sums in one round is warned about.
+    """
+    from fedapp.crypto.contributions import read_roster
+    from fedapp.crypto.dealing import is_threshold_key_dir
+    from fedapp.crypto.threshold import load_threshold_params
+
+    key_dir = Path(cfg.secagg.key_dir)
+    if not (key_dir / "paillier_public.json").exists():
+        raise ConfigError(
+            f"secagg.key_dir={cfg.secagg.key_dir!r} holds no Paillier public key; deal the keys first: "
+            f"python -m fedapp.keys deal --dir {cfg.secagg.key_dir} --clients {cfg.partition.num_clients} "
+            f"--threshold 2 --min-contributors {cfg.secagg.min_contributors} --bits {cfg.secagg.key_bits}"
+        )
+    dp_on = cfg.privacy.client.enabled or cfg.secagg.noise_sigma_total > 0
+    if not is_threshold_key_dir(key_dir):
+        if dp_on:
+            raise ConfigError(
+                f"{cfg.secagg.key_dir} holds a single Paillier key pair that every client holds whole: one client "
+                "colluding with the server would decrypt every upload (one noise share each); deal threshold "
+                f"keys with python -m fedapp.keys deal --dir DIR --clients {cfg.partition.num_clients}"
+            )
+        log(logging.WARNING, "secagg.key_dir=%s is a single key pair: every client holds the whole private key, so "
+            "the server plus any one client decrypt every upload (deal threshold keys: python -m fedapp.keys deal)",
+            cfg.secagg.key_dir)
+        return
+    params = load_threshold_params(key_dir)
+    if params.num_parties != cfg.partition.num_clients:
+        raise ConfigError(
+            f"the keys in {cfg.secagg.key_dir} were dealt to {params.num_parties} clients, the experiment has "
+            f"partition.num_clients={cfg.partition.num_clients}"
+        )
+    if cfg.secagg.max_weight != 1:
+        raise ConfigError(
+            f"secagg.max_weight={cfg.secagg.max_weight} with threshold keys: decryptors sum the signed updates "
+            "unweighted (sample counts are not released), so set secagg.max_weight=1"
+        )
+    enrolled = len(read_roster(key_dir))
+    if 2 * params.threshold <= params.num_parties and cfg.secagg.min_contributors < enrolled:
+        log(logging.WARNING, "threshold %d of %d with min_contributors %d < %d clients: two disjoint groups of "
+            "decryptors could each release a different sum in one round, whose difference is one update; use "
+            "--threshold > %d or --min-contributors %d", params.threshold, params.num_parties,
+            cfg.secagg.min_contributors, enrolled, params.num_parties // 2, enrolled)
 
 
 def check_client_dp(cfg: ExperimentConfig) -> None:

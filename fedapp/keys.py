@@ -1,11 +1,18 @@
-"""Paillier key command: make the clients' shared key pair outside the server process.
+"""Paillier key command: deal the federation's keys outside every federated process.
 
+    python -m fedapp.keys deal --dir keys/fed --clients 10 --threshold 2 --min-contributors 10 [--bits 2048]
     python -m fedapp.keys generate --dir keys/clients [--public-dir keys/server] [--bits 2048]
     python -m fedapp.keys show --dir keys/clients
     python -m fedapp.keys pool --dir keys/clients --pool-dir pools --rounds 20 [--partitions 0,3] \
         [--workers 2] [hydra overrides of the experiment, e.g. +experiment=secagg_mnist]
 
-``generate`` writes the public and the private key file (0600) to ``--dir``,
+``deal`` (the default for every privacy mode) makes a threshold key: each client
+gets one key share (any ``--threshold`` of them decrypt), an Ed25519 key to sign
+its contributions and its own decryption policy (``--min-contributors``); the
+dealer then forgets the private key (:mod:`fedapp.crypto.dealing` lists the
+files and who gets which). ``generate`` is the legacy single-key mode, in which
+every client holds the whole private key: it writes the public and the private
+key file (0600) to ``--dir``,
 which is distributed to the clients only, and the public key alone to
 ``--public-dir`` for the server. In a simulation, run it before starting the
 run; the ServerApp loads only the public key file.
@@ -34,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--public-dir", default="", help="server's key directory (public key only)")
     gen.add_argument("--bits", type=int, default=DEFAULT_KEY_BITS)
     gen.add_argument("--force", action="store_true", help="replace an existing key pair")
+    deal = sub.add_parser("deal", help="threshold key shares, signing keys and policies for every client")
+    deal.add_argument("--dir", required=True, help="key directory (public files + one party-<id>/ per client)")
+    deal.add_argument("--clients", type=int, required=True, help="number of clients (key shares)")
+    deal.add_argument("--threshold", type=int, default=2, help="key shares needed to decrypt (t)")
+    deal.add_argument("--min-contributors", type=int, default=2, help="signed updates a sum needs (each client's policy)")
+    deal.add_argument("--bits", type=int, default=DEFAULT_KEY_BITS)
+    deal.add_argument("--force", action="store_true", help="replace existing keys")
     show = sub.add_parser("show", help="key id and size of the key in --dir")
     show.add_argument("--dir", required=True)
     pool = sub.add_parser("pool", help="precompute the clients' obfuscators for the next rounds (offline phase)")
@@ -57,10 +71,34 @@ def main(argv: list[str] | None = None) -> int:
             save_keypair(args.public_dir, public_key)
         print(f"key {public_key.key_id} ({public_key.bits} bits): clients {args.dir}, server {args.public_dir or '-'}")
         return 0
+    if args.command == "deal":
+        return deal_keys(args)
     if args.command == "pool":
         return make_pools(args)
     key = load_public_key(args.dir)
     print(f"key {key.key_id} ({key.bits} bits)")
+    return 0
+
+
+def deal_keys(args: argparse.Namespace) -> int:
+    """Deal the keys; user mistakes are one line on stderr and exit 2."""
+    from pathlib import Path
+
+    from fedapp.crypto.dealing import deal_federation, is_threshold_key_dir
+
+    if is_threshold_key_dir(args.dir) and not args.force:
+        print(f"error: {args.dir} already holds dealt keys; pass --force to replace them", file=sys.stderr)
+        return 2
+    try:
+        params = deal_federation(
+            Path(args.dir), num_clients=args.clients, threshold=args.threshold,
+            min_contributors=args.min_contributors, bits=args.bits,
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"key {params.key_id}: {args.clients} shares, any {params.threshold} decrypt; each client needs "
+          f">= {args.min_contributors} signed updates in a sum; files in {args.dir} (party-<id>/ per client)")
     return 0
 
 
@@ -74,6 +112,7 @@ def make_pools(args: argparse.Namespace) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     from fedapp.config import ConfigError
+    from fedapp.crypto.dealing import is_threshold_key_dir
     from fedapp.crypto.pool_files import pool_path, precompute_pool
     from fedapp.crypto.protocol import settings_for
     from fedapp.hydra_config import compose_experiment
@@ -81,7 +120,10 @@ def make_pools(args: argparse.Namespace) -> int:
 
     try:
         cfg = compose_experiment(args.overrides)
-        private_key = load_private_key(args.dir)
+        if is_threshold_key_dir(args.dir):  # clients hold only the public key: the slower public path
+            private_key = load_public_key(args.dir)
+        else:
+            private_key = load_private_key(args.dir)
         ids = [int(i) for i in args.partitions.replace(" ", ",").split(",") if i] or list(range(cfg.partition.num_clients))
     except (ConfigError, HydraException, OmegaConfBaseException, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -89,8 +131,9 @@ def make_pools(args: argparse.Namespace) -> int:
     if args.rounds < 1 or any(not 0 <= i < cfg.partition.num_clients for i in ids):
         print(f"error: need --rounds >= 1 and client ids in 0..{cfg.partition.num_clients - 1}", file=sys.stderr)
         return 2
-    if private_key.public_key.bits != cfg.secagg.key_bits:
-        print(f"error: the key in {args.dir} has {private_key.public_key.bits} bits, the experiment "
+    key_bits = getattr(private_key, "public_key", private_key).bits
+    if key_bits != cfg.secagg.key_bits:
+        print(f"error: the key in {args.dir} has {key_bits} bits, the experiment "
               f"secagg.key_bits={cfg.secagg.key_bits}", file=sys.stderr)
         return 2
     num_values = sum(a.size for a in get_weights(new_model(cfg)))

@@ -42,6 +42,9 @@ from fedapp.crypto import (
 )
 from fedapp.crypto.protocol import (
     MODE_DECRYPT,
+    SECAGG_SHARE_INDEX,
+    combine_threshold,
+    decode_partials,
     MODE_ENCRYPT,
     SECAGG_KEY_ID,
     SECAGG_MODE,
@@ -52,6 +55,7 @@ from fedapp.crypto.protocol import (
     flatten,
     unflatten,
 )
+from fedapp.crypto.threshold import ThresholdParams
 from fedapp.wrappers import Failures, FitResults, StrategyWrapper
 
 
@@ -80,6 +84,12 @@ class PaillierSecureAggregation(StrategyWrapper):
         Seconds to wait for a decryptor (default: None).
     seed : int
         Seeds the choice of decryptors (default: 0).
+    threshold : ThresholdParams | None
+        With threshold keys (``python -m fedapp.keys deal``), no client holds
+        the whole private key: ``max(t, decryptors)`` clients each return a
+        partial decryption of the sum they recomputed from the signed updates,
+        and the server combines ``t`` of them (default: None, the legacy
+        single-key mode in which every client holds the private key).
     """
 
     def __init__(
@@ -91,6 +101,7 @@ class PaillierSecureAggregation(StrategyWrapper):
         decryptors: int = 2,
         timeout: float | None = None,
         seed: int = 0,
+        threshold: ThresholdParams | None = None,
     ) -> None:
         if type(strategy) is not FedAvg:
             raise TypeError(
@@ -107,6 +118,10 @@ class PaillierSecureAggregation(StrategyWrapper):
         self._rng = random.Random(seed)
         self._replay_guard = ReplayGuard()
         self._global: list[np.ndarray] | None = None
+        self.threshold = threshold
+        self._signed: dict[str, list[np.ndarray]] = {}
+        if threshold is not None and threshold.key_id != public_key.key_id:
+            raise ValueError(f"threshold parameters are for key {threshold.key_id}, not {public_key.key_id}")
         assert_no_private_key(self)
 
     def configure_fit(
@@ -130,26 +145,41 @@ class PaillierSecureAggregation(StrategyWrapper):
         for proxy, res in results:
             try:
                 arrays = parameters_to_ndarrays(res.parameters)
-                if len(arrays) != 1:
-                    raise CiphertextRejected("malformed", f"{len(arrays)} arrays, expected one encrypted vector")
+                expected = 2 if self.threshold is not None else 1
+                if len(arrays) != expected:
+                    raise CiphertextRejected(
+                        "malformed", f"{len(arrays)} arrays, expected {expected} (encrypted vector[, signature])"
+                    )
                 msg = EncryptedVector.from_bytes(
                     arrays[0], self.public_key, expected_round=server_round, expected_num_values=num_values,
                     expected_layout=self.settings.layout, replay_guard=self._replay_guard,
                 )
+                if msg.kind != "update":
+                    raise CiphertextRejected("not_an_update", f"a client sent a {msg.kind!r}")
             except CiphertextRejected as err:
                 log(WARNING, "Round %s: update from %s refused: %s", server_round, proxy.cid, err)
                 failures.append(err)
                 continue
             accepted.append((proxy, res, msg))
+            self._signed[msg.sender] = arrays
         if not accepted or (not self.strategy.accept_failures and failures):
             return None, {}
-        weights = integer_weights([res.num_examples for _, res, _ in accepted], self.settings.layout.max_weight)
+        if self.threshold is not None:  # decryptors recompute the sum from the signed updates, unweighted
+            weights = [1] * len(accepted)
+        else:
+            weights = integer_weights([res.num_examples for _, res, _ in accepted], self.settings.layout.max_weight)
         try:
             aggregate = add_encrypted([m for _, _, m in accepted], self.public_key, weights=weights)
         except (LayoutError, CiphertextRejected) as err:
             log(WARNING, "Round %s: cannot add the encrypted updates: %s", server_round, err)
             return None, {}
-        decrypted = self._decrypt(server_round, aggregate, [proxy for proxy, _, _ in accepted])
+        candidates = [proxy for proxy, _, _ in accepted]
+        if self.threshold is not None:
+            signed = [a for _, _, m in accepted for a in self._signed[m.sender]]
+            decrypted = self._threshold_decrypt(server_round, aggregate, signed, candidates)
+        else:
+            decrypted = self._decrypt(server_round, aggregate, candidates)
+        self._signed.clear()
         if decrypted is None:
             return None, {}
         total, weight = decrypted
@@ -215,3 +245,72 @@ class PaillierSecureAggregation(StrategyWrapper):
         log(INFO, "Round %s: sum of %d encrypted updates decrypted by %s", server_round,
             len(aggregate.contributors), [cid for cid, _, _ in replies])
         return total, weight
+
+    def _threshold_decrypt(
+        self, server_round: int, aggregate: EncryptedVector, signed: list[np.ndarray], candidates: list[ClientProxy]
+    ) -> tuple[np.ndarray, int] | None:
+        """Partial decryptions from ``max(t, decryptors)`` clients, combined ``t`` at a time; subsets must agree.
+
+        Each decryptor gets the signed updates (not the sum) and checks and adds
+        them itself (:func:`fedapp.crypto.protocol.threshold_partial_decrypt`).
+        Asked concurrently; a failing decryptor is replaced by the next
+        contributor. With more than ``t`` replies, a second ``t``-subset is
+        combined as a cross-check (a wrong partial changes the plaintext).
+        """
+        assert self.threshold is not None
+        t = self.threshold.threshold
+        wanted = max(t, self.decryptors)
+        ins = FitIns(
+            ndarrays_to_parameters(signed),
+            {SECAGG_MODE: MODE_DECRYPT, SECAGG_ROUND: server_round, SECAGG_KEY_ID: self.public_key.key_id},
+        )
+        order = list(candidates)
+        self._rng.shuffle(order)
+        waiting = iter(order)
+        partials: dict[int, list[int]] = {}
+        count = len(aggregate.ciphertexts)
+
+        def ask(proxy: ClientProxy) -> tuple[int, list[int]]:
+            res = proxy.fit(ins, timeout=self.timeout, group_id=server_round)
+            arrays = parameters_to_ndarrays(res.parameters)
+            if len(arrays) != 1 or SECAGG_SHARE_INDEX not in res.metrics:
+                raise CiphertextRejected("malformed", "a partial decryption is one array plus its share index")
+            return int(res.metrics[SECAGG_SHARE_INDEX]), decode_partials(arrays[0], self.public_key, count)
+
+        with ThreadPoolExecutor(max_workers=wanted, thread_name_prefix="decryptor") as pool:
+            pending = {pool.submit(ask, proxy): proxy for proxy in islice(waiting, wanted)}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    proxy = pending.pop(future)
+                    try:
+                        index, values = future.result()
+                        if index in partials:
+                            raise CiphertextRejected("malformed", f"share {index} answered twice")
+                        partials[index] = values
+                    except Exception as err:  # noqa: BLE001 - a failed decryptor is replaced, not fatal
+                        log(WARNING, "Round %s: decryptor %s failed (%s); trying another", server_round, proxy.cid, err)
+                        replacement = next(waiting, None)
+                        if replacement is not None:
+                            pending[pool.submit(ask, replacement)] = replacement
+        if len(partials) < t:
+            log(WARNING, "Round %s: %d of the %d partial decryptions needed; the round is skipped",
+                server_round, len(partials), t)
+            return None
+        indices = sorted(partials)
+        subsets = [indices[:t]] + ([indices[-t:]] if len(indices) > t else [])
+        try:
+            totals = [
+                combine_threshold({i: partials[i] for i in subset}, aggregate, public_key=self.public_key,
+                                  params=self.threshold, settings=self.settings)
+                for subset in subsets
+            ]
+        except (CiphertextRejected, ValueError) as err:
+            log(WARNING, "Round %s: partial decryptions do not combine (%s); the round is skipped", server_round, err)
+            return None
+        if any(not np.array_equal(totals[0], other) for other in totals[1:]):
+            log(WARNING, "Round %s: key-share subsets %s disagree; the round is skipped", server_round, subsets)
+            return None
+        log(INFO, "Round %s: sum of %d signed encrypted updates decrypted with key shares %s", server_round,
+            len(aggregate.contributors), indices)
+        return totals[0], aggregate.weight

@@ -29,6 +29,7 @@ from fedapp.attacks import malicious_clients
 from fedapp.components import check_experiment, new_model, test_data
 from fedapp.config import ExperimentConfig
 from fedapp.metrics import RunRecorder
+from fedapp.release import release_surface
 from fedapp.report import format_table, write_report
 from fedapp.runconfig import experiment_from_run_config
 from fedapp.strategies import EvaluateFn, build_strategy
@@ -66,6 +67,10 @@ def secaggplus_workflow(cfg: ExperimentConfig) -> SecAggPlusWorkflow:
     > 1: counts); Flower tells the two apart by type, so counts become ints here.
     """
     sa = cfg.secagg
+    # Where the release surface sends a constant count instead of each client's own (fedapp.release), every
+    # client weighs the same: Flower's weight ratio num_examples / max_weight must then be exactly 1, or the
+    # update would be shrunk before quantisation.
+    surface_count = release_surface(cfg).num_examples
 
     def fraction_or_count(value: float) -> int | float:
         return float(value) if value <= 1 else int(value)
@@ -73,7 +78,7 @@ def secaggplus_workflow(cfg: ExperimentConfig) -> SecAggPlusWorkflow:
     return SecAggPlusWorkflow(
         num_shares=fraction_or_count(sa.num_shares),
         reconstruction_threshold=fraction_or_count(sa.reconstruction_threshold),
-        max_weight=float(sa.max_num_examples),
+        max_weight=float(sa.max_num_examples if surface_count is None else surface_count),
         clipping_range=sa.clipping_range,
         quantization_range=sa.quantization_range,
         timeout=sa.timeout_s or None,

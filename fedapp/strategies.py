@@ -213,10 +213,13 @@ def build_strategy(
 def _paillier(cfg: ExperimentConfig, strategy: Strategy) -> Strategy:
     """FedAvg inside Paillier secure aggregation; the server loads the public key only."""
     from fedapp.crypto import load_public_key
+    from fedapp.crypto.dealing import is_threshold_key_dir
     from fedapp.crypto.protocol import settings_for
+    from fedapp.crypto.threshold import load_threshold_params
     from fedapp.secagg import PaillierSecureAggregation
 
     public_key = load_public_key(cfg.secagg.key_dir)
+    threshold = load_threshold_params(cfg.secagg.key_dir) if is_threshold_key_dir(cfg.secagg.key_dir) else None
     if public_key.bits != cfg.secagg.key_bits:
         raise ConfigError(
             f"the key in {cfg.secagg.key_dir} has {public_key.bits} bits but secagg.key_bits={cfg.secagg.key_bits}"
@@ -227,6 +230,7 @@ def _paillier(cfg: ExperimentConfig, strategy: Strategy) -> Strategy:
         settings=settings_for(cfg.secagg, cfg.partition.num_clients),
         decryptors=cfg.secagg.decryptors,
         seed=cfg.seed,
+        threshold=threshold,
     )
 
 

@@ -274,8 +274,9 @@ def test_simulation_records_distributed_epsilon_per_round(tiny_experiment: Exper
     # (small C and sigma keep the model finite; the epsilon depends only on their ratio)
     from fedapp.simulation import run_in_simulation
 
-    public, private = generate_keypair(BITS)
-    save_keypair(tmp_path / "keys", public, private)
+    from fedapp.crypto.dealing import deal_federation
+
+    deal_federation(tmp_path / "keys", num_clients=3, threshold=2, min_contributors=2, bits=BITS)
     cfg = replace(
         tiny_experiment,
         strategy=replace(tiny_experiment.strategy, fraction_fit=0.67, min_fit_clients=2),

@@ -27,7 +27,6 @@ from torch.utils.data import TensorDataset
 from fedapp.client_app import FedappClient
 from fedapp.components import new_model
 from fedapp.config import ClientDPConfig, ConfigError, ExperimentConfig
-from fedapp.crypto import generate_keypair, save_keypair
 from fedapp.dp_fedsgd import SharedNoisePlan, noisy_gradient_step, plan_shared_noise
 from fedapp.models import MnistSmallCNN
 from fedapp.training import get_weights
@@ -250,12 +249,13 @@ def test_invalid_distributed_client_dp_is_refused_with_its_reason(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_simulation_under_paillier_trains_and_books_every_round(tmp_path: Path) -> None:
-    # Prepare: 3 clients, keys on disk, min_contributors 3 (shares sized for 2)
+def test_simulation_under_threshold_paillier_trains_books_every_round_and_releases_no_metric(tmp_path: Path) -> None:
+    # Prepare: 3 clients, threshold keys dealt (any 2 of 3 decrypt), min_contributors 3 (shares sized for 2)
+    from fedapp.crypto.dealing import deal_federation
+    from fedapp.release import CLIENT_DP_DISTRIBUTED, FIT, SURFACES, Release
     from fedapp.simulation import run_in_simulation
 
-    public, private = generate_keypair(BITS)
-    save_keypair(tmp_path / "keys", public, private)
+    deal_federation(tmp_path / "keys", num_clients=3, threshold=2, min_contributors=3, bits=BITS)
     cfg = fedsgd_experiment(tmp_path)
     cfg.strategy.min_fit_clients = cfg.strategy.min_available_clients = 3
 
@@ -272,7 +272,15 @@ def test_simulation_under_paillier_trains_and_books_every_round(tmp_path: Path) 
     for eps in last.values():
         assert eps == pytest.approx(google_rdp_epsilon(1.5, 1 / 6, 3), rel=0.01)
     assert rows[-1]["epsilon_max"] == pytest.approx(google_rdp_epsilon(1.5, 1 / 6, 3), rel=0.01)
-    assert all(c.get("secagg_clamped", 0) == 0 for c in clients)
+    # what the server stored is what left the clients: no loss, accuracy, sample size or clamp count,
+    # and the same constant count from every client
+    surface = SURFACES[CLIENT_DP_DISTRIBUTED]
+    fit_rows = [c for c in clients if "epsilon" in c]
+    assert fit_rows and all(c["num_examples"] == 1 for c in fit_rows)
+    for row in fit_rows:
+        for key in ("train_loss", "train_accuracy", "dp_batch", "secagg_clamped"):
+            assert key not in row
+            assert surface.status(FIT, key) is Release.NEVER
 
 
 # --- (f) start-up warnings where the numbers make the guarantee weaker than it looks --------------

@@ -21,7 +21,13 @@ import os
 import threading
 from pathlib import Path
 
-from fedapp.crypto.keys import ObfuscatorPool, PrivateKey
+from fedapp.crypto.keys import ObfuscatorPool, PrivateKey, PublicKey
+
+KeyLike = PrivateKey | PublicKey  # threshold-key clients hold only the public key: slower, same values
+
+
+def _public(key: KeyLike) -> PublicKey:
+    return key.public_key if isinstance(key, PrivateKey) else key
 
 log = logging.getLogger("flwr")  # Flower's logger, like the rest of fedapp
 
@@ -38,7 +44,7 @@ def _save_atomically(pool: ObfuscatorPool, path: Path) -> None:
     os.replace(partial, path)
 
 
-def take_obfuscators(path: Path, private_key: PrivateKey, count: int) -> ObfuscatorPool | None:
+def take_obfuscators(path: Path, key: KeyLike, count: int) -> ObfuscatorPool | None:
     """``count`` obfuscators from the pool at ``path``, removed from disk before they are used.
 
     The rest goes back to ``path``. ``None`` when there is no pool, or fewer
@@ -51,7 +57,7 @@ def take_obfuscators(path: Path, private_key: PrivateKey, count: int) -> Obfusca
     except FileNotFoundError:
         return None
     try:
-        pool = ObfuscatorPool.load(claimed, private_key.public_key)
+        pool = ObfuscatorPool.load(claimed, _public(key))
     except (ValueError, KeyError) as err:  # another key, or a torn file: never fatal, just slower
         log.warning("Ignoring obfuscator pool %s: %s", path, err)
         return None
@@ -60,7 +66,7 @@ def take_obfuscators(path: Path, private_key: PrivateKey, count: int) -> Obfusca
     if len(pool) < count:
         log.warning("Obfuscator pool %s holds %d < %d needed: discarded, computing online", path, len(pool), count)
         return None
-    taken = ObfuscatorPool(private_key.public_key, pool.take(count))
+    taken = ObfuscatorPool(_public(key), pool.take(count))
     if len(pool):
         _save_atomically(pool, path)
     return taken
@@ -74,15 +80,19 @@ def remaining(path: Path) -> int:
         return 0
 
 
-def precompute_pool(path: Path, private_key: PrivateKey, count: int, *, workers: int = 1) -> ObfuscatorPool:
-    """The offline phase: ``count`` fresh obfuscators written to ``path`` (replacing what was there)."""
-    pool = ObfuscatorPool(private_key.public_key)
-    pool.fill(count, private_key=private_key, workers=workers)
+def precompute_pool(path: Path, key: KeyLike, count: int, *, workers: int = 1) -> ObfuscatorPool:
+    """The offline phase: ``count`` fresh obfuscators written to ``path`` (replacing what was there).
+
+    With a private key the CRT path is used; with the public key alone (a
+    threshold-key client) phe's ``r^n mod n^2``, about 3x slower, same distribution.
+    """
+    pool = ObfuscatorPool(_public(key))
+    pool.fill(count, private_key=key if isinstance(key, PrivateKey) else None, workers=workers)
     _save_atomically(pool, path)
     return pool
 
 
-def refill_in_background(path: Path, private_key: PrivateKey, count: int) -> threading.Thread:
+def refill_in_background(path: Path, key: KeyLike, count: int) -> threading.Thread:
     """Compute ``count`` obfuscators in a thread and save them to ``path`` (when the pool there ran dry).
 
     Off the round's critical path only when the client has a spare core between
@@ -91,7 +101,7 @@ def refill_in_background(path: Path, private_key: PrivateKey, count: int) -> thr
     ClientApp process that ends after its reply still finishes the file.
     """
     thread = threading.Thread(
-        target=precompute_pool, args=(path, private_key, count), name=f"obfuscator-pool-{path.stem}", daemon=False
+        target=precompute_pool, args=(path, key, count), name=f"obfuscator-pool-{path.stem}", daemon=False
     )
     thread.start()
     return thread

@@ -21,18 +21,33 @@ Round ``t`` of the protocol:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fedapp.crypto.fixedpoint import Quantizer, SlotLayout
+from fedapp.crypto.contributions import (
+    DecryptionMemory,
+    DecryptionPolicy,
+    contribution_set_digest,
+    verified_contributions,
+)
+from fedapp.crypto.fixedpoint import Quantizer, SlotLayout, unpack
 from fedapp.crypto.keys import ObfuscatorPool, PrivateKey, PublicKey
-from fedapp.crypto.vectors import CiphertextRejected, EncryptedVector, ReplayGuard, decrypt_slot_sums, encrypt_vector
+from fedapp.crypto.threshold import KeyShare, ThresholdParams, combine_partials
+from fedapp.crypto.vectors import (
+    CiphertextRejected,
+    EncryptedVector,
+    ReplayGuard,
+    add_encrypted,
+    decrypt_slot_sums,
+    encrypt_vector,
+)
 
 SECAGG_MODE = "secagg.mode"  # "encrypt" (train, send ciphertexts) or "decrypt" (decrypt the sum)
 SECAGG_ROUND = "secagg.round"
 SECAGG_KEY_ID = "secagg.key_id"
 SECAGG_TOTAL_WEIGHT = "secagg.total_weight"  # a decryptor's reply: total weight of the sum
+SECAGG_SHARE_INDEX = "secagg.share_index"  # a threshold decryptor's reply: which key share it used
 MODE_ENCRYPT = "encrypt"
 MODE_DECRYPT = "decrypt"
 
@@ -151,3 +166,68 @@ def decode_decrypted(codes: np.ndarray, weight: int, *, num_values: int, setting
     if codes.size and int(codes.max()) >= 1 << settings.layout.slot_bits:
         raise CiphertextRejected("malformed", f"decrypted code above the {settings.layout.slot_bits}-bit slot")
     return settings.quantizer.decode_sum(codes.astype(np.int64), weight)
+
+
+# --- threshold decryption (no client holds the whole private key) ---------------------------------
+
+
+def encode_partials(values: Sequence[int], public_key: PublicKey) -> np.ndarray:
+    """Partial decryptions (elements of ``Z_(n^2)``) as one uint8 array, fixed width each."""
+    width = public_key.ciphertext_bytes
+    return np.frombuffer(b"".join(int(v).to_bytes(width, "big") for v in values), dtype=np.uint8)
+
+
+def decode_partials(array: np.ndarray, public_key: PublicKey, count: int) -> list[int]:
+    """Inverse of :func:`encode_partials`; a reply of the wrong size is refused."""
+    raw = np.asarray(array, dtype=np.uint8).tobytes()
+    width = public_key.ciphertext_bytes
+    if len(raw) != count * width:
+        raise CiphertextRejected("malformed", f"partial decryption of {len(raw)} bytes, expected {count} x {width}")
+    return [int.from_bytes(raw[i * width : (i + 1) * width], "big") for i in range(count)]
+
+
+def threshold_partial_decrypt(
+    arrays: Sequence[np.ndarray],
+    *,
+    share: KeyShare,
+    policy: DecryptionPolicy,
+    memory: DecryptionMemory,
+    run_id: int,
+    server_round: int,
+    settings: SecAggSettings,
+) -> np.ndarray:
+    """Client step 3 with a key share: check the signed updates, sum them here, partially decrypt the sum.
+
+    The request carries the individual signed ciphertexts
+    (:func:`~fedapp.crypto.contributions.verified_contributions` refuses
+    anything short of ``policy.min_contributors`` enrolled senders), so the
+    server can neither relabel one update as a sum nor pad a sum with invented
+    contributors; :class:`DecryptionMemory` refuses a second, different sum in
+    the same round.
+    """
+    public_key = share.public_key
+    messages = verified_contributions(
+        arrays, public_key=public_key, policy=policy, run_id=run_id, server_round=server_round,
+        layout=settings.layout,
+    )
+    memory.admit(run_id=run_id, server_round=server_round, set_digest=contribution_set_digest(messages, public_key))
+    aggregate = add_encrypted(messages, public_key)
+    return encode_partials(share.partial_decrypt(aggregate.ciphertexts), public_key)
+
+
+def combine_threshold(
+    partials: Mapping[int, Sequence[int]], aggregate: EncryptedVector, *, public_key: PublicKey,
+    params: ThresholdParams, settings: SecAggSettings,
+) -> np.ndarray:
+    """Server side of step 3: ``t`` partial decryptions of ``aggregate`` -> the weighted sum of the updates.
+
+    A wrong partial (a cheating or broken decryptor; no correctness proofs are
+    built) yields a garbage plaintext, which sets bits above the packed slots:
+    refused as ``bad_partial`` instead of corrupting the model.
+    """
+    plaintexts = combine_partials(partials, public_key, threshold=params.threshold, num_parties=params.num_parties)
+    used_bits = settings.layout.slots * settings.layout.slot_bits
+    if any(int(m) >> used_bits for m in plaintexts):
+        raise CiphertextRejected("bad_partial", "the combined plaintext has bits above the slots: a partial is wrong")
+    sums = unpack(plaintexts, aggregate.num_values, settings.layout)
+    return settings.quantizer.decode_sum(sums, aggregate.weight)

@@ -1,0 +1,184 @@
+"""Threshold Paillier with signed contributions, attacked the way issue "privacy integrity" attacked it.
+
+Threat models (docs/privacy.md): an honest-but-curious or malicious server that
+holds the public key and sees every message; a server colluding with up to
+``t - 1`` clients (their key shares, their signing keys); a malicious client
+that writes whatever header it likes. Each test plays one adversary against
+the real client-side functions and asserts that it is refused or learns nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedapp.crypto import CiphertextRejected, SlotLayout, add_encrypted
+from fedapp.crypto.contributions import DecryptionMemory, sign_contribution
+from fedapp.crypto.dealing import Party, deal_federation, load_party
+from fedapp.crypto.protocol import (
+    SecAggSettings,
+    combine_threshold,
+    decode_partials,
+    encrypt_update,
+    settings_for,
+    threshold_partial_decrypt,
+)
+from fedapp.crypto.threshold import combine_partials, load_threshold_params
+from fedapp.crypto.vectors import EncryptedVector
+
+BITS = 512
+CLIENTS = 4
+RUN = 7
+ROUND = 3
+
+
+class _SecAgg:  # the fields settings_for reads
+    bits, bound, clip_norm, stochastic, max_weight, min_contributors, noise_sigma_total = 16, 1.0, 0.0, False, 1, 3, 0.0
+    key_bits = BITS
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Party], SecAggSettings]:
+    key_dir = tmp_path_factory.mktemp("keys")
+    deal_federation(key_dir, num_clients=CLIENTS, threshold=2, min_contributors=3, bits=BITS)
+    parties = [load_party(key_dir, pid) for pid in range(CLIENTS)]
+    return key_dir, parties, settings_for(_SecAgg, CLIENTS)
+
+
+def updates(seed: int = 0, size: int = 50) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-0.5, 0.5, size) for _ in range(CLIENTS)]
+
+
+def contribution(party: Party, update: np.ndarray, settings: SecAggSettings, *, server_round: int = ROUND,
+                 run_id: int = RUN) -> list[np.ndarray]:
+    """What an honest client sends: its encrypted update and the signature over it."""
+    zero = [np.zeros_like(update)]
+    [blob] = encrypt_update(zero, [update], server_round=server_round, sender=party.sender,
+                            public_key=party.public_key, settings=settings)
+    sig = sign_contribution(party.signing_key, run_id=run_id, server_round=server_round,
+                            key_id=party.public_key.key_id, sender=party.sender, blob=blob.tobytes())
+    return [blob, sig]
+
+
+def decrypt_with(parties: list[Party], request: list[np.ndarray], settings: SecAggSettings,
+                 memories: dict[str, DecryptionMemory] | None = None) -> dict[int, list[int]]:
+    memories = memories if memories is not None else {}
+    partials = {}
+    for party in parties:
+        memory = memories.setdefault(party.sender, DecryptionMemory())
+        array = threshold_partial_decrypt(request, share=party.share, policy=party.policy, memory=memory,
+                                          run_id=RUN, server_round=ROUND, settings=settings)
+        partials[party.share.index] = decode_partials(array, party.public_key, len(array) // party.public_key.ciphertext_bytes)
+    return partials
+
+
+def test_honest_sum_of_signed_updates_decrypts_with_any_t_shares(federation) -> None:
+    # Prepare: three honest clients' signed contributions
+    key_dir, parties, settings = federation
+    values = updates()
+    request = [a for pid in range(3) for a in contribution(parties[pid], values[pid], settings)]
+    messages = [EncryptedVector.from_bytes(request[i], parties[0].public_key) for i in (0, 2, 4)]
+    aggregate = add_encrypted(messages, parties[0].public_key)
+
+    # Execute: decryptors 1 and 3 (one of them not a contributor) check, sum and partially decrypt
+    partials = decrypt_with([parties[1], parties[3]], request, settings)
+    total = combine_threshold(partials, aggregate, public_key=parties[0].public_key,
+                              params=load_threshold_params(key_dir), settings=settings)
+
+    # Assert: the sum of the three updates, to the fixed point's error bound
+    np.testing.assert_allclose(total, values[0] + values[1] + values[2], atol=3 * settings.quantizer.step)
+
+
+def test_malicious_client_inflating_its_contributor_list_is_refused(federation) -> None:
+    # Adversary: client 0 sends one ciphertext whose header claims 9 invented contributors, as an "aggregate"
+    _, parties, settings = federation
+    values = updates()
+    blob, _ = contribution(parties[0], values[0], settings)
+    forged = EncryptedVector.from_bytes(blob, parties[0].public_key)
+    forged.kind, forged.contributors = "aggregate", [f"ghost-{i}" for i in range(9)]
+    forged_blob = forged.to_ndarray(parties[0].public_key)
+    forged_sig = sign_contribution(parties[0].signing_key, run_id=RUN, server_round=ROUND,
+                                   key_id=parties[0].public_key.key_id, sender="0", blob=forged_blob.tobytes())
+    honest = contribution(parties[1], values[1], settings)
+
+    # Execute / Assert: a decryptor refuses the padded sum; the header's contributor list counts for nothing
+    with pytest.raises(CiphertextRejected, match="not_an_update"):
+        decrypt_with([parties[2]], [forged_blob, forged_sig, *honest], settings)
+    # ... and the same client cannot stand in for others: two copies of its update are one contributor
+    with pytest.raises(CiphertextRejected, match="duplicate_sender"):
+        decrypt_with([parties[2]], [*contribution(parties[0], values[0], settings),
+                                    *contribution(parties[0], values[0], settings), *honest], settings)
+
+
+def test_server_relabelling_one_ciphertext_as_a_sum_is_refused(federation) -> None:
+    # Adversary: the server sends client 0's single update (or it plus one more) for decryption
+    _, parties, settings = federation
+    values = updates()
+    single = contribution(parties[0], values[0], settings)
+    relabelled = EncryptedVector.from_bytes(single[0], parties[0].public_key)
+    relabelled.kind, relabelled.contributors, relabelled.sender = "aggregate", ["0", "1", "2"], "server"
+
+    with pytest.raises(CiphertextRejected, match="too_few_contributors"):
+        decrypt_with([parties[1]], single, settings)
+    with pytest.raises(CiphertextRejected, match="too_few_contributors"):
+        decrypt_with([parties[1]], [*single, *contribution(parties[2], values[2], settings)], settings)
+    # the relabelled blob carries no valid signature of any client (the server cannot sign for them)
+    with pytest.raises(CiphertextRejected):
+        decrypt_with([parties[1]], [relabelled.to_ndarray(parties[0].public_key), single[1],
+                                    *contribution(parties[1], values[1], settings),
+                                    *contribution(parties[2], values[2], settings)], settings)
+
+
+def test_server_cannot_sign_for_clients_or_replay_another_round_or_run(federation) -> None:
+    _, parties, settings = federation
+    values = updates()
+    honest = [a for pid in (1, 2) for a in contribution(parties[pid], values[pid], settings)]
+    blob, _ = contribution(parties[0], values[0], settings)
+    other_round = contribution(parties[0], values[0], settings, server_round=ROUND - 1)
+    other_run = contribution(parties[0], values[0], settings, run_id=RUN + 1)
+
+    with pytest.raises(CiphertextRejected, match="bad_signature"):  # a signature by someone else's key
+        decrypt_with([parties[3]], [blob, honest[1], *honest], settings)
+    with pytest.raises(CiphertextRejected, match="stale_round"):
+        decrypt_with([parties[3]], [*other_round, *honest], settings)
+    with pytest.raises(CiphertextRejected, match="bad_signature"):
+        decrypt_with([parties[3]], [*other_run, *honest], settings)
+
+
+def test_server_differencing_two_overlapping_sums_in_one_round_is_refused(federation) -> None:
+    # Adversary: sums of {0,1,2} and {1,2,3} from the same decryptors, hoping to difference out client 0 vs 3
+    _, parties, settings = federation
+    values = updates()
+    signed = {pid: contribution(parties[pid], values[pid], settings) for pid in range(CLIENTS)}
+    memories: dict[str, DecryptionMemory] = {}
+    decryptors = [parties[1], parties[2]]
+    first = [a for pid in (0, 1, 2) for a in signed[pid]]
+    decrypt_with(decryptors, first, settings, memories)
+
+    # a retry of the same set is answered; a different set in the same round is not
+    decrypt_with(decryptors, first, settings, memories)
+    with pytest.raises(CiphertextRejected, match="second_sum"):
+        decrypt_with(decryptors, [a for pid in (1, 2, 3) for a in signed[pid]], settings, memories)
+
+
+def test_server_plus_one_client_cannot_decrypt_a_single_update(federation) -> None:
+    # Adversary: the server (every ciphertext) plus client 1 (its share, t = 2) against client 0's update
+    _, parties, settings = federation
+    values = updates()
+    blob, _ = contribution(parties[0], values[0], settings)
+    target = EncryptedVector.from_bytes(blob, parties[0].public_key)
+    colluder = parties[1].share
+    own_partial = colluder.partial_decrypt(target.ciphertexts)
+
+    # the combination refuses one partial, and every way of using it as if it were enough gives garbage
+    with pytest.raises(ValueError):
+        combine_partials({colluder.index: own_partial}, parties[0].public_key, threshold=2, num_parties=CLIENTS)
+    n = int(parties[0].public_key.n)
+    layout: SlotLayout = settings.layout
+    honest_plaintext_bound = 1 << (layout.slots * layout.slot_bits)
+    for exponent_guess in (1, 2, 4 * 24 ** 2):  # L(c_i^k) / k for the plausible k
+        guesses = [((int(p) - 1) // n) * pow(exponent_guess, -1, n) % n for p in own_partial]
+        assert any(g >= honest_plaintext_bound for g in guesses)
