@@ -1,33 +1,42 @@
 """Paillier vectors for secure aggregation: keys, fixed point, packing, fast encryption.
 
-numpy + phe (gmpy2 underneath) only; no Flower, no torch. Three modules, one
-front door (import from ``fedapp.crypto``):
+numpy + phe (gmpy2 underneath) + ``cryptography`` (Ed25519) only; no Flower, no
+torch. One front door for the vector layer (import from ``fedapp.crypto``);
+the threshold and signing layers are imported from their modules:
 
 * :mod:`~fedapp.crypto.keys` -- key pair, key files, key id, obfuscators
   (phe's online path, the CRT path, a precomputed pool);
 * :mod:`~fedapp.crypto.fixedpoint` -- clip + quantise with a stated error
   bound, slot layout with overflow headroom, packing;
 * :mod:`~fedapp.crypto.vectors` -- encrypt a vector, add encrypted vectors
-  (server), decrypt the aggregate (key holder), wire format and its checks.
+  (server), decrypt the aggregate (key holder), wire format and its checks;
+* :mod:`~fedapp.crypto.threshold` -- threshold Paillier: dealer, key shares,
+  partial decryption, combination;
+* :mod:`~fedapp.crypto.contributions` -- signed contributions, the decryptor's
+  own policy and memory; :mod:`~fedapp.crypto.dealing` -- the dealt key folder.
 
 Threat model (what this buys and what it does not)
 --------------------------------------------------
-The clients share one Paillier key pair; the server process only ever holds the
-public key (:class:`PublicKey`). Clients send :class:`EncryptedVector` blobs; the
-server multiplies ciphertexts (= adds plaintexts) with :func:`add_encrypted` and
-hands the encrypted aggregate back to key-holding clients, which decrypt it with
-:func:`decrypt_aggregate`. An honest-but-curious server therefore learns the
-aggregate and public metadata (who sent, weights, sizes, timing), never one
-client's update. It does NOT protect against: a server colluding with any
-key-holding client (that client can decrypt every individual ciphertext the
-server shows it); a malicious server that forwards one client's ciphertext
-alone as the "aggregate" to a decryptor that returns plaintext (decryptors
-check that the aggregate names at least ``min_contributors`` senders, which a
-lying server can fake); malicious clients (a client may send any in-range
-values; the fixed-point bound only limits how far); traffic analysis. Integrity
-checks (:class:`CiphertextRejected`) catch corruption, stale rounds, replays,
-wrong keys and wrong lengths; an active network attacker able to recompute the
-SHA-256 digest is stopped by TLS and SuperNode authentication, not by this module.
+Keys are dealt offline (:mod:`~fedapp.crypto.dealing`): each client holds one
+share of a threshold Paillier key (:mod:`~fedapp.crypto.threshold`; any ``t`` of
+``l`` decrypt), an Ed25519 key that signs its ciphertexts, and its own policy
+(``min_contributors``); the server holds the public key only. The server
+multiplies ciphertexts; decryptors receive the individual signed updates, check
+them against their policy, multiply them themselves and return a partial
+decryption (:mod:`~fedapp.crypto.contributions`). The server plus up to ``t - 1``
+clients learn nothing about one update; relabelled or padded sums and a second
+sum in the same round are refused by every honest decryptor. NOT protected:
+``t`` or more colluding clients (they hold the key); two disjoint groups of
+decryptors asked for two different sums, unless ``2 t > l`` or every sum must
+hold all clients (warned at start-up); malicious clients: a client may encrypt
+any plaintext below ``n``, which can carry into neighbouring slots and move the
+sum arbitrarily (the fixed-point bound limits honest clients only; a robust rule
+cannot run on ciphertexts); wrong partial decryptions (no correctness proofs:
+garbage is detected by the slot check, a crafted shift is not); traffic
+analysis. The legacy single-key mode (``python -m fedapp.keys generate``) gives
+every client the whole private key and is refused wherever a DP guarantee rests
+on it. Integrity checks (:class:`CiphertextRejected`) catch corruption, stale
+rounds, replays, wrong keys and wrong lengths.
 
 What phe provides and what is written here
 ------------------------------------------

@@ -190,16 +190,27 @@ def make_obfuscators(
 
     ``workers`` > 1 splits the work over processes (spawned; about 0.2 s to start).
     """
-    if private_key is None:
-        n, n2 = public_key.n, public_key.nsquare
-        return [gmpy2.powmod(public_key.phe.get_random_lt_n(), n, n2) for _ in range(count)]
     if workers <= 1 or count < 4 * workers:
-        return private_key.crt_obfuscators(count)
+        return _public_obfuscators(int(public_key.n), count) if private_key is None else private_key.crt_obfuscators(count)
     chunks = [count // workers + (1 if i < count % workers else 0) for i in range(workers)]
-    args = (int(public_key.n), int(private_key._p), int(private_key._q))
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        parts = pool.map(_crt_worker, *zip(*[(*args, c) for c in chunks]))
+        if private_key is None:  # threshold-key clients: no factorisation, phe's path in every worker
+            parts = pool.map(_public_worker, [int(public_key.n)] * workers, chunks)
+        else:
+            args = (int(public_key.n), int(private_key._p), int(private_key._q))
+            parts = pool.map(_crt_worker, *zip(*[(*args, c) for c in chunks]))
         return [gmpy2.mpz(x) for part in parts for x in part]
+
+
+def _public_obfuscators(n: int, count: int) -> list[int]:
+    """phe's ``r^n mod n^2`` with ``r`` uniform below ``n`` (the public-key path)."""
+    key = PublicKey(n)
+    return [gmpy2.powmod(key.phe.get_random_lt_n(), key.n, key.nsquare) for _ in range(count)]
+
+
+def _public_worker(n: int, count: int) -> list[int]:
+    """Process-pool entry for :func:`_public_obfuscators`, returning plain ints."""
+    return [int(x) for x in _public_obfuscators(n, count)]
 
 
 class ObfuscatorPool:
