@@ -28,7 +28,7 @@ from fedapp.attacks import Attack, AttackContext, attack_rng, malicious_clients,
 from fedapp.components import client_data, new_model
 from fedapp.config import ConfigError, ExperimentConfig
 from fedapp.crypto import PrivateKey, load_private_key
-from fedapp.crypto.contributions import DecryptionMemory, sign_contribution
+from fedapp.crypto.contributions import ContributionGate, DecryptionMemory, sign_contribution
 from fedapp.crypto.dealing import Party, is_threshold_key_dir, load_party
 from fedapp.crypto.pool_files import pool_path, refill_in_background, take_obfuscators
 from fedapp.crypto.protocol import (
@@ -56,6 +56,7 @@ from fedapp.wrappers import CLIENT_ID_KEY, DECLINED_KEY, EPSILON_KEY, REASON_COD
 NextHandler = Callable[[Message, Context], Message]  # what a client mod calls to go on
 LEDGER_STATE_KEY = "fedapp.privacy.ledger"  # where a client's DP ledger lives in context.state
 DECRYPTED_STATE_KEY = "fedapp.secagg.decrypted"  # which contribution set this decryptor helped decrypt, per round
+SIGNED_STATE_KEY = "fedapp.secagg.signed"  # the last round this client signed a contribution for, per run
 
 
 class FedappClient(NumPyClient):
@@ -86,6 +87,8 @@ class FedappClient(NumPyClient):
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         if config.get(SECAGG_MODE) == MODE_DECRYPT:
             return self._decrypt_aggregate(parameters, config)
+        if config.get(SECAGG_MODE) == MODE_ENCRYPT and is_threshold_key_dir(self.cfg.secagg.key_dir):
+            self._claim_round(int(config[SECAGG_ROUND]))  # before training: a refused round spends no budget
         ctx = None if self.attack is None else self._attack_context(parameters, int(config.get("server_round", 0)))
         new, num_examples, metrics = self._train(parameters, config, ctx)
         if ctx is not None and not metrics.get(DECLINED_KEY):  # a decline is not an update: nothing to poison
@@ -135,6 +138,13 @@ class FedappClient(NumPyClient):
             sender=party.sender, blob=blob.tobytes(),
         )
         return [blob, signature]
+
+    def _claim_round(self, server_round: int) -> None:
+        """At most one signed contribution per round (:class:`~fedapp.crypto.contributions.ContributionGate`)."""
+        record = self.state.get(SIGNED_STATE_KEY)
+        gate = ContributionGate(dict(record) if record is not None else None)
+        gate.claim(run_id=self.run_id, server_round=server_round)
+        self.state[SIGNED_STATE_KEY] = ConfigRecord(gate.last)
 
     def _encrypt_update(self, old: NDArrays, new: NDArrays, config: dict[str, Scalar]) -> NDArrays:
         if is_threshold_key_dir(self.cfg.secagg.key_dir):

@@ -18,7 +18,7 @@ from fedapp.attacks import resolve_attack
 from fedapp.config import ConfigError, ExperimentConfig
 from fedapp.crypto.fixedpoint import Quantizer
 from fedapp.datasets import dataset_spec, labels_of, load_dataset
-from fedapp.dp_fedsgd import plan_shared_noise
+from fedapp.dp_fedsgd import plan_shared_noise, warn_if_secaggplus_too_coarse
 from fedapp.models import build_model, check_model
 from fedapp.partition import check_partition_config, partition_indices, train_val_split
 from fedapp.privacy import check_dp_model, plan_client_dp, warn_if_delta_too_large
@@ -44,7 +44,7 @@ def check_experiment(cfg: ExperimentConfig, *, load_data: bool = True) -> None:
     check_strategy_config(cfg)
     resolve_attack(cfg.attack.name)  # an unknown name or a dotted path that does not import fails here
     new_model(cfg)  # a model DP-SGD cannot train fails here, with Opacus's reasons
-    if cfg.secagg.method == "paillier":
+    if load_data and cfg.secagg.method == "paillier":  # like the data, the keys live where the run runs
         check_paillier_keys(cfg)
     if load_data:
         train, _ = load_dataset(cfg.dataset)
@@ -140,9 +140,14 @@ def check_shared_noise_dp(cfg: ExperimentConfig, sizes: list[int]) -> None:
         log(WARNING, "client.batch_size=%d divides every client's noisy gradient sum, but sample_rate x client size "
             "gives expected batches of %.0f-%.0f: the step is scaled off by that ratio (privacy is unaffected)",
             cfg.client.batch_size, *expected)
+    if sa.method == "secaggplus":  # Flower's quantisation of the parameters instead of Paillier's fixed point
+        last_lr = cfg.client.lr * cfg.client.lr_decay ** (cfg.num_rounds - 1)
+        largest = max(float(p.detach().abs().max()) for p in new_model(cfg).parameters())
+        warn_if_secaggplus_too_coarse(plan, lr=last_lr, clipping_range=sa.clipping_range,
+                                      quantization_range=sa.quantization_range, max_abs_parameter=largest)
     share_std = cfg.client.lr * plan.share_multiplier * plan.max_grad_norm / plan.normaliser
     step = Quantizer(bound=sa.bound, bits=sa.bits).step
-    if step > share_std / 10 or sa.bound < 6 * share_std:
+    if sa.method == "paillier" and (step > share_std / 10 or sa.bound < 6 * share_std):
         log(WARNING, "a client's noise share in its update has std %.3g (lr x share x C / B) but secagg's fixed point "
             "has step %.3g and bound %.3g: keep step < std/10 and bound > 6 std (raise secagg.bits / bound), "
             "since rounding and clamping each share is not covered by the Gaussian accounting",

@@ -140,10 +140,12 @@ class ClientDPConfig:
 
     ``mode`` is ``local`` (the above: every client adds all the noise its
     epsilon needs) or ``distributed`` (record-level DP-FedSGD under Paillier
-    secure aggregation, :mod:`fedapp.dp_fedsgd`): each round a client takes
-    one DP-SGD step on a Poisson sample at ``sample_rate`` and adds only a
-    share of the noise, so that ``secagg.min_contributors - 1`` shares carry
-    sigma; its ledger books one step at ``(sigma, sample_rate)`` per round.
+    or SecAgg+ secure aggregation, :mod:`fedapp.dp_fedsgd`): each round a
+    client takes one DP-SGD step on a Poisson sample at ``sample_rate`` and
+    adds only a share of the noise, so that ``secagg.min_contributors - 1``
+    shares carry sigma; its ledger books one step at ``(sigma, sample_rate)``
+    per round. Under SecAgg+ it also needs ``secagg.reconstruction_threshold``
+    to give at least ``min_contributors`` (every unmasked sum holds that many).
     """
 
     enabled: bool = False
@@ -211,8 +213,15 @@ class SecAggConfig:
     drop out. Parameters (not updates) are clipped to ``[-clipping_range,
     clipping_range]`` and quantised to ``quantization_range`` levels; each is
     weighted by ``num_examples / max_num_examples`` (Flower's ``max_weight``:
-    keep it >= the largest client's sample count). ``timeout_s`` > 0 treats
-    replies later than that as dropouts (0 = wait for all).
+    keep it >= the largest client's sample count; where the release surface
+    sends a constant count instead -- any secure aggregation, any client DP --
+    the server uses that constant, 1, and this setting is unused).
+    Since parameters, not updates, are clipped, ``clipping_range`` must cover
+    the model's largest parameter (plus, under DP, a few noise-share
+    deviations). ``timeout_s`` > 0 treats replies later than that as dropouts
+    (0 = wait for all). ``min_contributors`` is DP-FedSGD's ``m`` under SecAgg+
+    too: every client refuses a round set up for fewer clients, or with a
+    reconstruction threshold below it.
     """
 
     method: str = "none"

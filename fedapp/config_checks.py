@@ -79,6 +79,7 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
     _validate_secagg(cfg.secagg, p.num_clients)
     _validate_distributed_dp(cfg.secagg, cfg.privacy)
     _validate_shared_noise_dp(cfg.privacy.client, cfg.secagg, c)
+    _validate_shared_noise_secaggplus(cfg)
     _validate_robustness(cfg.attack, cfg.defense, p.num_clients)
 
 
@@ -179,10 +180,10 @@ def _validate_shared_noise_dp(dp: ClientDPConfig, sa: SecAggConfig, client: Clie
     if not dp.enabled or dp.mode == "local":
         return
     why = "privacy.client.mode='distributed' "
-    if sa.method != "paillier":
+    if sa.method not in SHARED_NOISE_SECAGG:
         raise ConfigError(
-            why + f"needs secagg.method='paillier', got {sa.method!r}: each client adds only a share of the "
-            "noise, which protects its records only if nobody sees its update outside the decrypted sum"
+            why + f"needs secagg.method='paillier' or 'secaggplus', got {sa.method!r}: each client adds only a "
+            "share of the noise, which protects its records only if nobody sees its update outside a secure sum"
         )
     if sa.min_contributors < 2:
         raise ConfigError(
@@ -195,7 +196,7 @@ def _validate_shared_noise_dp(dp: ClientDPConfig, sa: SecAggConfig, client: Clie
             f"secagg.noise_sigma_total=0 and secagg.clip_norm=0 (got {sa.noise_sigma_total}, {sa.clip_norm}): "
             "user-level noise or a clip of the whole update on top would change the sum's sensitivity analysis"
         )
-    if sa.max_weight != 1:
+    if sa.method == "paillier" and sa.max_weight != 1:
         raise ConfigError(
             why + f"needs secagg.max_weight=1, got {sa.max_weight}: a weight w would multiply one client's records "
             "(and its noise share) by w"
@@ -208,6 +209,73 @@ def _validate_shared_noise_dp(dp: ClientDPConfig, sa: SecAggConfig, client: Clie
             f"{client.local_epochs}); use strategy.server_momentum for momentum"
         )
     _in_range("privacy.client.sample_rate", dp.sample_rate, 0.0, 1.0)
+
+
+SHARED_NOISE_SECAGG = ("paillier", "secaggplus")  # the secure sums DP-FedSGD's noise shares may rely on
+
+
+def _validate_shared_noise_secaggplus(cfg: ExperimentConfig) -> None:
+    """Record-level DP-FedSGD under SecAgg+: every unmasked sum holds >= min_contributors unit-weight updates.
+
+    Paillier's decryptors count the contributors of a sum themselves; under
+    SecAgg+ the server unmasks whatever survived, so these settings must make
+    every sum Flower's protocol can unmask hold at least ``min_contributors``
+    noise shares (the reasons, and what remains trusted, are in
+    :mod:`fedapp.dp_fedsgd`). The clients check the same numbers again in each
+    round's setup, with the weight ratio (:func:`fedapp.dp_fedsgd.secaggplus_refusal`).
+    """
+    dp, sa, s = cfg.privacy.client, cfg.secagg, cfg.strategy
+    if not (dp.enabled and dp.mode == "distributed" and sa.method == "secaggplus"):
+        return
+    why = "privacy.client.mode='distributed' under secagg.method='secaggplus' "
+    # No rule for secagg.max_num_examples: under client DP the server hands SecAgg+ max_weight = the release
+    # surface's constant count 1 (server_app.secaggplus_workflow), and each client checks it in the setup.
+    per_round = max(int(cfg.partition.num_clients * s.fraction_fit), s.min_fit_clients)
+    if per_round < sa.min_contributors:
+        raise ConfigError(
+            why + f"samples {per_round} clients a round (strategy.fraction_fit x partition.num_clients, at least "
+            f"strategy.min_fit_clients) but secagg.min_contributors={sa.min_contributors}: every client would refuse "
+            "every round, since a sum of fewer updates carries less than sigma"
+        )
+    _, threshold = secaggplus_shares_and_threshold(sa.num_shares, sa.reconstruction_threshold, per_round)
+    if threshold < sa.min_contributors:
+        raise ConfigError(
+            why + f"needs a SecAgg+ reconstruction threshold >= secagg.min_contributors={sa.min_contributors}, but "
+            f"secagg.reconstruction_threshold={sa.reconstruction_threshold:g} gives {threshold} of {per_round} "
+            "clients: the server unmasks the sum of whoever survives (>= threshold), so clients dropping out "
+            "after the setup would leave fewer noise shares in the sum than the ledger counts; raise it "
+            f"(1.0 = every share) or lower min_contributors"
+        )
+    if dp.noise_multiplier > 0 and dp.epsilon_budget > 0:
+        raise ConfigError(
+            why + f"does not take privacy.client.epsilon_budget={dp.epsilon_budget:g} with a given noise_multiplier: "
+            "a budget reached mid-run makes a client decline while others still train, and under SecAgg+ a "
+            "decliner still counts as a survivor (weight 0, no noise share), so the sum could carry fewer than "
+            "min_contributors shares; give privacy.client.target_epsilon instead (sigma is then calibrated so "
+            "that no client reaches its budget within num_rounds)"
+        )
+
+
+def secaggplus_shares_and_threshold(
+    num_shares: float, reconstruction_threshold: float, sampled: int
+) -> tuple[int, int]:
+    """The share count and reconstruction threshold Flower's ``SecAggPlusWorkflow`` sets for ``sampled`` clients.
+
+    Our settings are fractions when <= 1 and counts above (as
+    :func:`fedapp.server_app.secaggplus_workflow` hands them to Flower); the
+    rounding mirrors Flower 1.41's ``setup_stage``.
+    """
+    if num_shares <= 1:
+        shares = round(num_shares * sampled)
+        if shares < sampled and shares % 2 == 0:
+            shares += 1
+        if shares <= 2:
+            shares = sampled
+    else:
+        shares = int(num_shares)
+    if reconstruction_threshold <= 1:
+        return shares, max(round(reconstruction_threshold * shares), 2)
+    return shares, int(reconstruction_threshold)
 
 
 def _validate_secaggplus(sa: SecAggConfig, num_clients: int) -> None:

@@ -182,3 +182,41 @@ def test_server_plus_one_client_cannot_decrypt_a_single_update(federation) -> No
     for exponent_guess in (1, 2, 4 * 24 ** 2):  # L(c_i^k) / k for the plausible k
         guesses = [((int(p) - 1) // n) * pow(exponent_guess, -1, n) % n for p in own_partial]
         assert any(g >= honest_plaintext_bound for g in guesses)
+
+
+def test_client_signs_one_contribution_per_round_so_two_sums_cannot_differ_in_it(tmp_path: Path) -> None:
+    # Adversary: the server asks client 0 twice in one round (then has disjoint decryptor pairs decrypt two sums
+    # that differ only in client 0's update); found by the privacy-attacks benchmark
+    from flwr.common import RecordDict
+
+    from fedapp.client_app import FedappClient
+    from fedapp.components import new_model
+    from fedapp.config import ExperimentConfig
+    from fedapp.crypto import load_public_key
+    from fedapp.crypto.protocol import MODE_ENCRYPT, SECAGG_KEY_ID, SECAGG_MODE, SECAGG_ROUND
+    from fedapp.training import get_weights
+
+    deal_federation(tmp_path / "keys", num_clients=3, threshold=2, min_contributors=3, bits=BITS)
+    cfg = ExperimentConfig.from_dict({
+        "dataset": {"name": "synthetic-mnist", "synthetic_train_size": 300, "synthetic_test_size": 60},
+        "partition": {"num_clients": 3}, "model": {"name": "cnn_mnist_small"},
+        "client": {"batch_size": 20, "momentum": 0.0},
+        "secagg": {"method": "paillier", "key_dir": str(tmp_path / "keys"), "key_bits": BITS, "min_contributors": 3},
+        "privacy": {"client": {"enabled": True, "mode": "distributed", "sample_rate": 0.2, "noise_multiplier": 1.0,
+                               "ledger_dir": str(tmp_path / "ledgers")}},
+    })
+    state, weights = RecordDict(), get_weights(new_model(cfg))
+    key_id = load_public_key(tmp_path / "keys").key_id
+
+    def ask(server_round: int) -> list[np.ndarray]:
+        config = {"server_round": server_round, SECAGG_MODE: MODE_ENCRYPT, SECAGG_ROUND: server_round, SECAGG_KEY_ID: key_id}
+        return FedappClient(cfg, 0, state, run_id=RUN).fit(weights, config)[0]
+
+    first = ask(1)
+    assert len(first) == 2  # ciphertext and signature
+    steps_booked = FedappClient(cfg, 0, state, run_id=RUN).load_ledger("rdp").steps
+    for again in (1, 0):
+        with pytest.raises(CiphertextRejected, match="second_contribution"):
+            ask(again)
+    assert FedappClient(cfg, 0, state, run_id=RUN).load_ledger("rdp").steps == steps_booked  # refused before training
+    assert len(ask(2)) == 2

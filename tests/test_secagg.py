@@ -285,7 +285,9 @@ def test_secaggplus_workflow_gets_counts_as_ints_and_fractions_as_floats():
     assert (counts.num_shares, counts.reconstruction_threshold) == (5, 3)
     assert isinstance(counts.num_shares, int) and isinstance(counts.reconstruction_threshold, int)
     assert (fractions.num_shares, fractions.reconstruction_threshold) == (1.0, 0.7)
-    assert fractions.max_weight == 10000.0 and fractions.timeout is None
+    # every client sends the constant count 1 under secure aggregation (fedapp.release), so Flower's weight
+    # ratio num_examples / max_weight must be exactly 1
+    assert fractions.max_weight == 1.0 and fractions.timeout is None
 
 
 def test_traffic_counts_update_nbytes_of_a_plain_reply_and_of_a_masked_vector():

@@ -227,3 +227,27 @@ class DecryptionMemory:
                 "second_sum", f"already helped decrypt another sum in round {server_round}: refusing a second one"
             )
         self.seen[slot] = set_digest
+
+
+class ContributionGate:
+    """The last round this client signed a contribution for, per run: at most one per round, rounds increasing.
+
+    Without it a server could ask one client twice in a round and have two
+    sums decrypted (by disjoint groups of decryptors, each remembering only its
+    own answer) that differ only in that client's update, the other clients'
+    noise shares cancelling. Backed by a plain dict (``context.state`` in the
+    ClientApp).
+    """
+
+    def __init__(self, last: dict[str, int] | None = None) -> None:
+        self.last = {str(k): int(v) for k, v in (last or {}).items()}
+
+    def claim(self, *, run_id: int, server_round: int) -> None:
+        previous = self.last.get(str(int(run_id)), 0)
+        if server_round <= previous:
+            raise CiphertextRejected(
+                "second_contribution",
+                f"already signed a contribution for round {previous} of run {run_id}; refusing one for round "
+                f"{server_round}",
+            )
+        self.last[str(int(run_id))] = int(server_round)
