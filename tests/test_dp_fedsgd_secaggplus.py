@@ -26,7 +26,6 @@ from typing import Callable
 
 import numpy as np
 import pytest
-from dp_accounting import dp_event, rdp
 from flwr.client import ClientApp
 from flwr.common import (
     ConfigRecord,
@@ -60,15 +59,12 @@ from fedapp.dp_fedsgd import (
 from fedapp.hydra_config import compose_experiment
 from fedapp.server_app import secaggplus_workflow
 from fedapp.training import evaluate, get_weights
+from tests.test_dp_fedsgd import google_rdp_epsilon
 
 DELTA = 1e-5
 SIGMA = 1.5
 
 
-def google_rdp_epsilon(z: float, q: float, steps: int, delta: float = DELTA) -> float:
-    acc = rdp.RdpAccountant()
-    acc.compose(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z)), steps))
-    return acc.get_epsilon(delta)
 
 
 def raw_experiment(tmp_path: Path) -> dict:

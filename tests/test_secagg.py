@@ -179,6 +179,14 @@ def test_replayed_and_stale_updates_are_refused(keys):
 
 
 def test_server_side_holds_no_private_key_and_robust_rules_are_refused(keys):
+    # a strategy that smuggles the private key in (nested two levels deep) is refused at construction
+    base = FedAvg()
+    base.helper = {"cache": [keys[1]]}  # type: ignore[attr-defined]
+    with pytest.raises(AssertionError, match="private key"):
+        PaillierSecureAggregation(base, public_key=keys[0], settings=SETTINGS)
+    # and the check itself finds a key wherever it sits, but passes a strategy after a real round
+    with pytest.raises(AssertionError):
+        assert_no_private_key({"a": [(1, keys[1].phe)]})
     strategy, _ = _round(keys, [FakeClient("c0", keys[1]), FakeClient("c1", keys[1])], {})
     assert_no_private_key(strategy)
     with pytest.raises(TypeError, match="plain FedAvg"):
