@@ -29,7 +29,7 @@ from fedapp.components import client_data, new_model
 from fedapp.config import ConfigError, ExperimentConfig
 from fedapp.crypto import PrivateKey, load_private_key
 from fedapp.crypto.contributions import ContributionGate, DecryptionMemory, sign_contribution
-from fedapp.crypto.dealing import Party, is_threshold_key_dir, load_party
+from fedapp.crypto.dealing import Party, is_threshold_key_dir, load_party, load_party_state, save_party_state
 from fedapp.crypto.pool_files import pool_path, refill_in_background, take_obfuscators
 from fedapp.crypto.protocol import (
     MODE_DECRYPT,
@@ -47,6 +47,7 @@ from fedapp.crypto.protocol import (
 )
 from fedapp.datasets import dataset_spec
 from fedapp.dp_fedsgd import SharedNoisePlan, noisy_gradient_step, plan_shared_noise
+from fedapp.node_policy import pin_to_node
 from fedapp.release import make_release_mod
 from fedapp.privacy import DPPlan, PrivacyLedger, make_private, more_spent, plan_client_dp
 from fedapp.runconfig import experiment_from_run_config
@@ -87,6 +88,8 @@ class FedappClient(NumPyClient):
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         if config.get(SECAGG_MODE) == MODE_DECRYPT:
             return self._decrypt_aggregate(parameters, config)
+        if self.cfg.secagg.method == "paillier":
+            check_encrypt_instruction(config)
         if config.get(SECAGG_MODE) == MODE_ENCRYPT and is_threshold_key_dir(self.cfg.secagg.key_dir):
             self._claim_round(int(config[SECAGG_ROUND]))  # before training: a refused round spends no budget
         ctx = None if self.attack is None else self._attack_context(parameters, int(config.get("server_round", 0)))
@@ -142,9 +145,14 @@ class FedappClient(NumPyClient):
     def _claim_round(self, server_round: int) -> None:
         """At most one signed contribution per round (:class:`~fedapp.crypto.contributions.ContributionGate`)."""
         record = self.state.get(SIGNED_STATE_KEY)
-        gate = ContributionGate(dict(record) if record is not None else None)
+        on_disk = load_party_state(self.cfg.secagg.key_dir, self.partition_id)
+        last = {**on_disk["signed"]}
+        for run, rnd in (dict(record) if record is not None else {}).items():  # the later of the two copies
+            last[run] = max(int(rnd), int(last.get(run, 0)))
+        gate = ContributionGate(last)
         gate.claim(run_id=self.run_id, server_round=server_round)
         self.state[SIGNED_STATE_KEY] = ConfigRecord(gate.last)
+        save_party_state(self.cfg.secagg.key_dir, self.partition_id, {**on_disk, "signed": gate.last})
 
     def _encrypt_update(self, old: NDArrays, new: NDArrays, config: dict[str, Scalar]) -> NDArrays:
         if is_threshold_key_dir(self.cfg.secagg.key_dir):
@@ -167,13 +175,15 @@ class FedappClient(NumPyClient):
         """Threshold decryptor step: signed updates in, checked and summed here, one partial decryption out."""
         party = self._party()
         record = self.state.get(DECRYPTED_STATE_KEY)
-        memory = DecryptionMemory(dict(record) if record is not None else None)
+        on_disk = load_party_state(self.cfg.secagg.key_dir, self.partition_id)
+        memory = DecryptionMemory({**(dict(record) if record is not None else {}), **on_disk["decrypted"]})
         partials = threshold_partial_decrypt(
             parameters, share=party.share, policy=party.policy, memory=memory, run_id=self.run_id,
             server_round=int(config[SECAGG_ROUND]),
             settings=settings_for(self.cfg.secagg, self.cfg.partition.num_clients),
         )
         self.state[DECRYPTED_STATE_KEY] = ConfigRecord(memory.seen)
+        save_party_state(self.cfg.secagg.key_dir, self.partition_id, {**on_disk, "decrypted": memory.seen})
         return [partials], 0, {CLIENT_ID_KEY: self.partition_id, SECAGG_SHARE_INDEX: party.share.index}
 
     def _decrypt_aggregate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
@@ -352,6 +362,51 @@ class FedappClient(NumPyClient):
         return loss, len(self.val_set), {CLIENT_ID_KEY: self.partition_id, "accuracy": acc}
 
 
+def check_unmask_request(msg: Message) -> None:
+    """Refuse a SecAgg+ unmask request that names a node both alive and dropped, or this node as dropped.
+
+    Flower's ``secaggplus_mod`` answers such a request with both the mask-seed
+    share of a node listed as active and its secret-key share listed as dead,
+    which lets a malicious server strip every mask from one client's vector.
+    """
+    from flwr.common import MessageType
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    if configs.get(Key.STAGE) != Stage.UNMASK:
+        return
+    active = {int(n) for n in configs.get(Key.ACTIVE_NODE_ID_LIST, [])}
+    dead = {int(n) for n in configs.get(Key.DEAD_NODE_ID_LIST, [])}
+    if active & dead or msg.metadata.dst_node_id in dead:
+        raise ValueError(
+            f"SecAgg+ unmask request lists nodes {sorted(active & dead)} as both active and dropped (or this node as "
+            "dropped): answering would reveal one client's masks; refused"
+        )
+
+
+def check_encrypt_instruction(config: dict[str, Scalar]) -> None:
+    """Under Paillier a client trains only to encrypt, and only for the round it signs.
+
+    A server that left out ``secagg.mode`` would otherwise get the update in the
+    clear; one that sent each client its own ``server_round`` (which sets the
+    learning-rate schedule) could shrink every other contributor's update, noise
+    share included, to nothing, so that a sum of ``m`` signed updates is one
+    client's. Every contribution in a decrypted set carries the same signed
+    round, so tying the two makes the schedule the same for all of them.
+    """
+    if config.get(SECAGG_MODE) != MODE_ENCRYPT:
+        raise ValueError(
+            f"secagg.method is paillier but the server asked for {SECAGG_MODE}={config.get(SECAGG_MODE)!r}: "
+            "refusing to train without encrypting"
+        )
+    if int(config.get("server_round", -1)) != int(config[SECAGG_ROUND]):
+        raise ValueError(
+            f"server_round={config.get('server_round')} differs from the signed round {config[SECAGG_ROUND]}: refusing"
+        )
+
+
 def clamped_values(old: NDArrays, new: NDArrays, bound: float) -> int:
     """How many coordinates of ``new - old`` lie outside Paillier's fixed-point range ``[-bound, bound]``.
 
@@ -434,7 +489,9 @@ def make_client_app(cfg: ExperimentConfig | None = None) -> ClientApp:
     """A ClientApp for ``cfg`` or, when ``None``, for the run's ``run_config``."""
 
     def experiment_of(context: Context) -> ExperimentConfig:
-        return cfg if cfg is not None else experiment_from_run_config(context.run_config)
+        if cfg is not None:
+            return cfg
+        return pin_to_node(experiment_from_run_config(context.run_config), context.node_config)
 
     def client_fn(context: Context):  # noqa: ANN202 - flwr.client.Client
         experiment = experiment_of(context)
@@ -454,6 +511,7 @@ def make_client_app(cfg: ExperimentConfig | None = None) -> ClientApp:
         experiment = experiment_of(context)
         if experiment.secagg.method != "secaggplus":
             return call_next(msg, context)
+        check_unmask_request(msg)
         dp = experiment.privacy.client
         if dp.enabled and dp.mode == "distributed":  # noise shares: refuse small rounds, unit weights
             from fedapp.dp_fedsgd import dp_fedsgd_secaggplus_mod

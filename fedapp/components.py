@@ -97,6 +97,11 @@ def check_paillier_keys(cfg: ExperimentConfig) -> None:
             "unweighted (sample counts are not released), so set secagg.max_weight=1"
         )
     enrolled = len(read_roster(key_dir))
+    if not dp_on and cfg.secagg.min_contributors < enrolled:
+        log(logging.WARNING, "secure aggregation without DP and min_contributors %d < %d clients: a malicious server "
+            "that sends the same model to different subsets over several rounds can solve the sums for each "
+            "client's (nearly repeated) update; use min_contributors = %d or add DP noise",
+            cfg.secagg.min_contributors, enrolled, enrolled)
     if 2 * params.threshold <= params.num_parties and cfg.secagg.min_contributors < enrolled:
         log(logging.WARNING, "threshold %d of %d with min_contributors %d < %d clients: two disjoint groups of "
             "decryptors could each release a different sum in one round, whose difference is one update; use "

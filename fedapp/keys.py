@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     deal.add_argument("--dir", required=True, help="key directory (public files + one party-<id>/ per client)")
     deal.add_argument("--clients", type=int, required=True, help="number of clients (key shares)")
     deal.add_argument("--threshold", type=int, default=2, help="key shares needed to decrypt (t)")
-    deal.add_argument("--min-contributors", type=int, default=2, help="signed updates a sum needs (each client's policy)")
+    deal.add_argument("--min-contributors", type=int, default=0,
+                      help="signed updates a sum needs, each client's policy (default: threshold + 1, the least allowed)")
     deal.add_argument("--bits", type=int, default=DEFAULT_KEY_BITS)
     deal.add_argument("--force", action="store_true", help="replace existing keys")
     show = sub.add_parser("show", help="key id and size of the key in --dir")
@@ -92,13 +93,13 @@ def deal_keys(args: argparse.Namespace) -> int:
     try:
         params = deal_federation(
             Path(args.dir), num_clients=args.clients, threshold=args.threshold,
-            min_contributors=args.min_contributors, bits=args.bits,
+            min_contributors=args.min_contributors or args.threshold + 1, bits=args.bits,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"key {params.key_id}: {args.clients} shares, any {params.threshold} decrypt; each client needs "
-          f">= {args.min_contributors} signed updates in a sum; files in {args.dir} (party-<id>/ per client)")
+          f">= {args.min_contributors or args.threshold + 1} signed updates in a sum; files in {args.dir} (party-<id>/ per client)")
     return 0
 
 

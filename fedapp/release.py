@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from logging import INFO
 from typing import Any, Callable
 
-from flwr.common import Context, Message, MessageType, log
+import numpy as np
+from flwr.common import Context, Message, MessageType, log, parameters_to_ndarrays
 from flwr.compat.common.recorddict_compat import (
     evaluateres_to_recorddict,
     fitres_to_recorddict,
@@ -39,6 +40,7 @@ from flwr.compat.common.recorddict_compat import (
 )
 
 from fedapp.crypto.protocol import MODE_DECRYPT, SECAGG_MODE, SECAGG_SHARE_INDEX, SECAGG_TOTAL_WEIGHT
+from fedapp.crypto.vectors import MAGIC as ENCRYPTED_MAGIC
 from fedapp.wrappers import CLIENT_ID_KEY, DECLINED_KEY, EPSILON_KEY, REASON_CODE_KEY, REASON_KEY
 
 
@@ -265,6 +267,12 @@ def filter_fit_reply(surface: ReleaseSurface, kind: str, num_examples: int, metr
 NextHandler = Callable[[Message, Context], Message]
 
 
+def check_encrypted(arrays: list[np.ndarray]) -> None:
+    """Under Paillier an update leaves only as an encrypted vector (plus its signature): else refused here."""
+    if not arrays or arrays[0].dtype != np.uint8 or not arrays[0][: len(ENCRYPTED_MAGIC)].tobytes() == ENCRYPTED_MAGIC:
+        raise ReleaseRefused("secagg.method is paillier but this reply's update is not an encrypted vector: not sent")
+
+
 def make_release_mod(experiment_of: Callable[[Context], Any]) -> Callable[[Message, Context, NextHandler], Message]:
     """A Flower client mod enforcing the release surface of the run's experiment on every reply.
 
@@ -292,6 +300,8 @@ def make_release_mod(experiment_of: Callable[[Context], Any]) -> Callable[[Messa
         config = msg.content.config_records.get("fitins.config", {})
         kind = DECRYPT if config.get(SECAGG_MODE) == MODE_DECRYPT else FIT
         res.num_examples, res.metrics = filter_fit_reply(surface, kind, res.num_examples, dict(res.metrics))
+        if experiment_of(context).secagg.method == "paillier" and kind == FIT and not res.metrics.get(DECLINED_KEY):
+            check_encrypted(parameters_to_ndarrays(res.parameters))
         return Message(fitres_to_recorddict(res, keep_input=True), reply_to=msg)
 
     return release_mod

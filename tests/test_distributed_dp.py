@@ -270,19 +270,21 @@ def test_a_noise_share_near_the_bound_is_warned_about(tmp_path: Path, keys, capl
 
 @pytest.mark.slow
 def test_simulation_records_distributed_epsilon_per_round(tiny_experiment: ExperimentConfig, tmp_path: Path) -> None:
-    # Prepare: 3 clients, 2 sampled per round (k = 2 of n = 3 shares), sigma 0.05, C = 0.05 -> z = sqrt(2/3)
+    # Prepare: 4 clients, 3 sampled per round (k = 3 of n = 4 shares), sigma 0.05, C = 0.05 -> z = sqrt(3/4);
+    # threshold keys (any 2 of 4 decrypt), each sum needs 3 signed updates (m > t)
     # (small C and sigma keep the model finite; the epsilon depends only on their ratio)
     from fedapp.simulation import run_in_simulation
 
     from fedapp.crypto.dealing import deal_federation
 
-    deal_federation(tmp_path / "keys", num_clients=3, threshold=2, min_contributors=2, bits=BITS)
+    deal_federation(tmp_path / "keys", num_clients=4, threshold=2, min_contributors=3, bits=BITS)
     cfg = replace(
         tiny_experiment,
-        strategy=replace(tiny_experiment.strategy, fraction_fit=0.67, min_fit_clients=2),
+        partition=replace(tiny_experiment.partition, num_clients=4),
+        strategy=replace(tiny_experiment.strategy, fraction_fit=0.75, min_fit_clients=3, min_available_clients=4),
         secagg=replace(
             tiny_experiment.secagg, method="paillier", key_dir=str(tmp_path / "keys"), key_bits=BITS,
-            clip_norm=0.05, noise_sigma_total=0.05,
+            clip_norm=0.05, noise_sigma_total=0.05, min_contributors=3,
         ),
     )
     cfg.validate()
@@ -294,12 +296,12 @@ def test_simulation_records_distributed_epsilon_per_round(tiny_experiment: Exper
     out = Path(cfg.runtime.output_dir)
     rows = [r for r in json.loads((out / "metrics.json").read_text()) if r["round"] >= 1]
     assert [r["round"] for r in rows] == [1, 2, 3]
-    z = math.sqrt(2 / 3)
+    z = math.sqrt(3 / 4)
     for i, row in enumerate(rows, start=1):
-        assert row["secagg_contributors"] == 2 and row["dp_mode"] == "distributed"
+        assert row["secagg_contributors"] == 3 and row["dp_mode"] == "distributed"
         assert row["distributed_noise_multiplier"] == pytest.approx(z)
         assert row["central_epsilon"] == pytest.approx(google_rdp_epsilon([(z, 1.0)] * i), rel=0.01)
-        assert row["released_epsilon"] == pytest.approx(google_rdp_epsilon([(z, 2 / 3)] * i), rel=0.01)
+        assert row["released_epsilon"] == pytest.approx(google_rdp_epsilon([(z, 3 / 4)] * i), rel=0.01)
     assert rows[0]["central_epsilon"] < rows[1]["central_epsilon"] < rows[2]["central_epsilon"]
     assert summary["final_central_epsilon"] == rows[-1]["central_epsilon"]
     assert summary["central_dp_mode"] == "distributed"

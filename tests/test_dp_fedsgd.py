@@ -183,6 +183,17 @@ def fedsgd_experiment(tmp_path: Path, keys_dir: Path | None = None, **client_dp:
     )
 
 
+def encrypted_round(tmp_path: Path, server_round: int) -> dict:
+    """The fit config of a Paillier round (keys dealt under ``tmp_path/keys`` on first use): clients only train to encrypt."""
+    from fedapp.crypto import load_public_key
+    from fedapp.crypto.dealing import deal_federation, is_threshold_key_dir
+
+    if not is_threshold_key_dir(tmp_path / "keys"):
+        deal_federation(tmp_path / "keys", num_clients=3, threshold=2, min_contributors=3, bits=BITS)
+    return {"server_round": server_round, "secagg.mode": "encrypt", "secagg.round": server_round,
+            "secagg.key_id": load_public_key(tmp_path / "keys").key_id}
+
+
 def test_each_round_books_one_step_at_sigma_and_q_across_new_client_objects(tmp_path: Path) -> None:
     # Prepare: a new client object per round (as Flower makes them), one node state
     cfg = fedsgd_experiment(tmp_path)
@@ -190,7 +201,7 @@ def test_each_round_books_one_step_at_sigma_and_q_across_new_client_objects(tmp_
     weights = get_weights(new_model(cfg))
 
     # Execute
-    replies = [FedappClient(cfg, 0, state).fit(weights, {"server_round": r})[2] for r in (1, 2, 3)]
+    replies = [FedappClient(cfg, 0, state).fit(weights, encrypted_round(tmp_path, r))[2] for r in (1, 2, 3)]
 
     # Assert: sigma (not the share) and q per round, cumulative, as Google's accountant computes
     assert [m["dp_steps"] for m in replies] == [1, 2, 3]
@@ -206,10 +217,10 @@ def test_client_declines_the_round_that_would_pass_its_budget(tmp_path: Path) ->
     state = RecordDict()
     weights = get_weights(new_model(cfg))
     for r in (1, 2):
-        FedappClient(cfg, 1, state).fit(weights, {"server_round": r})
+        FedappClient(cfg, 1, state).fit(weights, encrypted_round(tmp_path, r))
 
     # Execute
-    returned, n, metrics = FedappClient(cfg, 1, state).fit(weights, {"server_round": 3})
+    returned, n, metrics = FedappClient(cfg, 1, state).fit(weights, encrypted_round(tmp_path, 3))
 
     # Assert: an explicit decline, nothing spent
     assert metrics["declined"] == 1 and metrics["reason_code"] == "privacy_budget" and n == 0

@@ -220,3 +220,74 @@ def test_client_signs_one_contribution_per_round_so_two_sums_cannot_differ_in_it
             ask(again)
     assert FedappClient(cfg, 0, state, run_id=RUN).load_ledger("rdp").steps == steps_booked  # refused before training
     assert len(ask(2)) == 2
+
+
+@pytest.mark.parametrize(
+    "config, reason",
+    [
+        ({"server_round": 1}, "refusing to train without encrypting"),
+        ({"server_round": 1, "secagg.mode": "plain", "secagg.round": 1}, "refusing to train without encrypting"),
+        ({"server_round": 9, "secagg.mode": "encrypt", "secagg.round": 1}, "differs from the signed round"),
+    ],
+)
+def test_paillier_client_never_trains_in_the_clear_or_for_another_round_than_it_signs(config: dict, reason: str) -> None:
+    # Adversary: a server that omits the encryption instruction (the update would leave in the clear), or sends one
+    # client server_round=1 and the others 5000 (with lr decay the others' updates and noise shares become 0)
+    from fedapp.client_app import check_encrypt_instruction
+
+    with pytest.raises(ValueError, match=reason):
+        check_encrypt_instruction(config)
+    check_encrypt_instruction({"server_round": 3, "secagg.mode": "encrypt", "secagg.round": 3})  # honest: passes
+
+
+def test_policy_refuses_m_at_most_t(tmp_path: Path) -> None:
+    # Adversary: t - 1 colluders sign zero updates; with m <= t a "sum of m" would hold one honest update
+    with pytest.raises(ValueError, match="threshold \\+ 1"):
+        deal_federation(tmp_path / "k", num_clients=4, threshold=2, min_contributors=2, bits=BITS)
+
+
+def test_node_config_pins_the_privacy_mode_key_dir_and_forbids_simulated_attacks(tmp_path: Path) -> None:
+    # Adversary: under flwr run the server writes the run config: it switches the privacy mode off, points the
+    # key folder elsewhere, or makes every other client a "simulated attacker" that sends nothing
+    from fedapp.config import ConfigError, ExperimentConfig
+    from fedapp.node_policy import pin_to_node
+
+    dp = ExperimentConfig.from_dict({"client": {"momentum": 0.0},
+                                     "secagg": {"method": "paillier", "key_dir": "/server/chosen"},
+                                     "privacy": {"client": {"enabled": True, "mode": "distributed", "sample_rate": 0.1,
+                                                            "noise_multiplier": 1.0}}})
+    node = {"privacy-mode": "client_dp_distributed", "secagg-key-dir": "/node/keys", "ledger-dir": "/node/ledgers"}
+
+    pinned = pin_to_node(dp, node)
+    assert pinned.secagg.key_dir == "/node/keys" and pinned.privacy.client.ledger_dir == "/node/ledgers"
+    with pytest.raises(ConfigError, match="pinned to 'client_dp_distributed'"):
+        pin_to_node(ExperimentConfig(), node)  # plain mode: refused
+    attacked = ExperimentConfig.from_dict({**dp.to_dict(), "attack": {"name": "gaussian", "clients": "0"}})
+    with pytest.raises(ConfigError, match="simulated attacker"):
+        pin_to_node(attacked, node)
+    assert pin_to_node(attacked, {**node, "simulated-attacks": "allow"}).attack.name == "gaussian"
+
+
+def test_secaggplus_client_refuses_an_unmask_request_naming_a_node_alive_and_dropped() -> None:
+    # Adversary (malicious SecAgg+ server): lists node 2 as active AND dead, to collect both its mask-seed share and
+    # its secret-key share from honest neighbours and strip every mask from node 2's vector
+    import time
+
+    from flwr.app.message.message import make_message
+    from flwr.common import ConfigRecord, MessageType, Metadata, RecordDict
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    from fedapp.client_app import check_unmask_request
+
+    def unmask(active: list[int], dead: list[int]):
+        content = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(
+            {Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active, Key.DEAD_NODE_ID_LIST: dead})})
+        metadata = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                            group_id="1", created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
+        return make_message(metadata, content)
+
+    with pytest.raises(ValueError, match="both active and dropped"):
+        check_unmask_request(unmask([1, 2, 3], [2]))
+    with pytest.raises(ValueError, match="both active and dropped"):
+        check_unmask_request(unmask([2, 3], [1]))  # this node itself reported as dropped
+    check_unmask_request(unmask([1, 3], [2]))  # an honest dropout report passes

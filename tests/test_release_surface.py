@@ -58,6 +58,7 @@ from fedapp.release import (
     make_release_mod,
     privacy_mode,
 )
+from fedapp.crypto.vectors import MAGIC
 from fedapp.training import get_weights
 
 BITS = 512
@@ -110,7 +111,9 @@ def fit_config(cfg: ExperimentConfig, key_dir: Path, server_round: int = 1) -> d
 
 
 def test_every_key_a_client_produces_is_declared_in_its_mode(tmp_path: Path, key_dir: Path) -> None:
-    # Prepare: each privacy mode's experiment, plus a simulated attacker in each (its reply must look the same)
+    # Prepare: each privacy mode's experiment, plus a simulated attacker in each (its reply must look the same);
+    # every call a new round (a client signs one contribution per round)
+    rounds = iter(range(1, 100))
     for mode, cfg in modes(tmp_path, key_dir).items():
         assert privacy_mode(cfg) == mode
         surface = SURFACES[mode]
@@ -120,7 +123,7 @@ def test_every_key_a_client_produces_is_declared_in_its_mode(tmp_path: Path, key
                 cfg.attack.name, cfg.attack.clients = "gaussian", "0"
 
             # Execute: what the client itself puts in a fit reply, before the release layer
-            _, _, metrics = FedappClient(cfg, 0).fit(weights, fit_config(cfg, key_dir))
+            _, _, metrics = FedappClient(cfg, 0).fit(weights, fit_config(cfg, key_dir, next(rounds)))
 
             # Assert: no undeclared key; whatever is sendable has a reason on record
             undeclared = sorted(set(metrics) - set(surface.replies[FIT]))
@@ -155,8 +158,9 @@ def _train_message(config: dict) -> Message:
     return _instruction(fitins_to_recorddict(ins, keep_input=True), MessageType.TRAIN)
 
 
-def _reply(msg: Message, num_examples: int, metrics: dict) -> Message:
-    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.ones(3)]), num_examples, metrics)
+def _reply(msg: Message, num_examples: int, metrics: dict, arrays: list[np.ndarray] | None = None) -> Message:
+    arrays = arrays if arrays is not None else [np.frombuffer(MAGIC + b"ciphertext", dtype=np.uint8), np.zeros(64, np.uint8)]
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), num_examples, metrics)
     return Message(fitres_to_recorddict(res, keep_input=True), reply_to=msg)
 
 
@@ -176,7 +180,17 @@ def test_mod_drops_everything_not_declared_and_fixes_the_count(tmp_path: Path, k
     res = recorddict_to_fitres(out.content, keep_input=True)
     assert res.metrics == {"partition_id": 2, "epsilon": 0.5}
     assert res.num_examples == 1
-    assert len(res.parameters.tensors) == 1  # the update itself goes on (its own mechanism covers it)
+    assert len(res.parameters.tensors) == 2  # the encrypted update and its signature go on
+
+
+def test_mod_refuses_an_update_in_the_clear_under_paillier(tmp_path: Path, key_dir: Path) -> None:
+    # Adversary: a server that leaves secagg.mode out, hoping the client trains and replies in the clear
+    cfg = modes(tmp_path, key_dir)[CLIENT_DP_DISTRIBUTED]
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    with pytest.raises(ReleaseRefused, match="not an encrypted vector"):
+        make_release_mod(lambda c: cfg)(_train_message({"server_round": 1}), ctx,
+                                        lambda m, c: _reply(m, 14, {"epsilon": 0.5}, [np.ones(3, np.float32)]))
 
 
 def test_mod_keeps_declines_at_zero_examples_and_plain_mode_exact(tmp_path: Path, key_dir: Path) -> None:

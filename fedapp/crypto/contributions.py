@@ -94,9 +94,11 @@ class DecryptionPolicy:
     def __post_init__(self) -> None:
         if not 1 <= self.threshold <= self.num_parties:
             raise ValueError(f"threshold must be in [1, {self.num_parties}], got {self.threshold}")
-        if not 2 <= self.min_contributors <= len(self.roster):
+        if not self.threshold < self.min_contributors <= len(self.roster):
             raise ValueError(
-                f"min_contributors must be in [2, {len(self.roster)} enrolled clients], got {self.min_contributors}"
+                f"min_contributors must be in [threshold + 1 = {self.threshold + 1}, {len(self.roster)} enrolled "
+                f"clients], got {self.min_contributors}: with m <= t, t - 1 colluding clients could sign zero "
+                "updates and make a sum of m hold one honest update"
             )
 
     def differencing_safe(self) -> bool:

@@ -20,8 +20,10 @@ writes its public half into ``roster.json`` instead (the format is plain hex).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -75,8 +77,12 @@ def deal_federation(
     key_dir: str | Path, *, num_clients: int, threshold: int, min_contributors: int, bits: int
 ) -> ThresholdParams:
     """Deal ``num_clients`` key shares (any ``threshold`` decrypt) and signing keys into ``key_dir``."""
-    if min_contributors < 2 or min_contributors > num_clients:
-        raise ValueError(f"min_contributors must be in [2, num_clients={num_clients}], got {min_contributors}")
+    if not threshold < min_contributors <= num_clients:
+        raise ValueError(
+            f"min_contributors must be in [threshold + 1 = {threshold + 1}, num_clients = {num_clients}], got "
+            f"{min_contributors}: with m <= t, t - 1 colluding clients could sign zero updates and make a sum of "
+            "m hold one honest update"
+        )
     key_dir = Path(key_dir)
     public_key, shares = deal_threshold_key(bits, threshold=threshold, num_parties=num_clients)
     key_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +103,35 @@ def save_shares_public(key_dir: Path, public_key: PublicKey, params: ThresholdPa
     """The public key and the public ``t``-of-``l`` parameters at the top of ``key_dir``."""
     save_keypair(key_dir, public_key)
     (key_dir / PARAMS_FILE).write_text(json.dumps(params.to_dict()))
+
+
+PARTY_STATE_FILE = "state.json"
+
+
+def load_party_state(key_dir: str | Path, partition_id: int) -> dict[str, dict[str, Any]]:
+    """What client ``partition_id`` remembers on its own disk: rounds it signed, sums it helped decrypt.
+
+    Kept beside its key share (``party-<id>/state.json``) so that a SuperNode
+    restart, which loses Flower's ``context.state``, does not let a server
+    ask for a second contribution or a second sum in a round already used.
+    """
+    path = party_dir(key_dir, partition_id) / PARTY_STATE_FILE
+    if not path.exists():
+        return {"signed": {}, "decrypted": {}}
+    raw = json.loads(path.read_text())
+    return {"signed": dict(raw.get("signed", {})), "decrypted": dict(raw.get("decrypted", {}))}
+
+
+def save_party_state(key_dir: str | Path, partition_id: int, state: dict[str, dict[str, Any]]) -> None:
+    """Write the party state atomically and durably (temporary file, fsync, rename; mode 0600)."""
+    folder = party_dir(key_dir, partition_id)
+    partial = folder / f".{PARTY_STATE_FILE}.{os.getpid()}"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(partial, folder / PARTY_STATE_FILE)
 
 
 def load_party(key_dir: str | Path, partition_id: int) -> Party:

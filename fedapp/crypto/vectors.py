@@ -25,7 +25,7 @@ from fedapp.crypto.keys import ObfuscatorPool, PrivateKey, PublicKey, make_obfus
 # Flower's logger by name, without importing Flower here.
 log = logging.getLogger("flwr").log
 
-_MAGIC = b"FAPV1"
+MAGIC = b"FAPV1"  # first bytes of every encrypted vector on the wire
 _DIGEST_BYTES = 32
 
 
@@ -78,7 +78,7 @@ class EncryptedVector:
         head = json.dumps(self.header(), sort_keys=True).encode()
         width = public_key.ciphertext_bytes
         body = b"".join(int(c).to_bytes(width, "big") for c in self.ciphertexts)
-        blob = _MAGIC + struct.pack(">I", len(head)) + head + body
+        blob = MAGIC + struct.pack(">I", len(head)) + head + body
         return blob + hashlib.sha256(blob).digest()
 
     def to_ndarray(self, public_key: PublicKey) -> np.ndarray:
@@ -98,12 +98,12 @@ class EncryptedVector:
     ) -> EncryptedVector:
         """Parse and validate; any problem raises :class:`CiphertextRejected` with its reason."""
         blob = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
-        if len(blob) < len(_MAGIC) + 4 + _DIGEST_BYTES or not blob.startswith(_MAGIC):
+        if len(blob) < len(MAGIC) + 4 + _DIGEST_BYTES or not blob.startswith(MAGIC):
             raise CiphertextRejected("malformed", "not an encrypted vector (bad magic or too short)")
         if hashlib.sha256(blob[:-_DIGEST_BYTES]).digest() != blob[-_DIGEST_BYTES:]:
             raise CiphertextRejected("digest", "SHA-256 digest does not match: bytes changed or truncated")
-        (head_len,) = struct.unpack(">I", blob[len(_MAGIC) : len(_MAGIC) + 4])
-        start = len(_MAGIC) + 4
+        (head_len,) = struct.unpack(">I", blob[len(MAGIC) : len(MAGIC) + 4])
+        start = len(MAGIC) + 4
         try:
             head = json.loads(blob[start : start + head_len])
             layout = SlotLayout(**head["layout"])

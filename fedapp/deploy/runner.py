@@ -154,10 +154,26 @@ def _start_federation(
             auth = ["--auth-supernode-private-key", str(private_key)]
         start(launch, f"supernode-{i}", logs, env, [
             executable("flower-supernode"), "--superlink", address, "--port", str(node_port),
-            "--node-config", f"partition-id={i} num-partitions={num}", *node_tls, *auth,
+            "--node-config", node_config(cfg, i), *node_tls, *auth,
         ])  # fmt: skip
     log(INFO, "SuperLink on %s (tls=%s, node auth=%s), %d SuperNodes; logs in %s",
         address, cfg.runtime.tls, node_auth, num, logs)  # fmt: skip
+
+
+def node_config(cfg: ExperimentConfig, partition_id: int) -> str:
+    """What the operator pins on SuperNode ``partition_id`` (:mod:`fedapp.node_policy`): the run cannot weaken it."""
+    from fedapp.node_policy import KEY_DIR, LEDGER_DIR, PRIVACY_MODE, SIMULATED_ATTACKS
+    from fedapp.release import privacy_mode
+
+    pins = [f"partition-id={partition_id}", f"num-partitions={cfg.partition.num_clients}",
+            f'{PRIVACY_MODE}="{privacy_mode(cfg)}"']
+    if cfg.secagg.key_dir:
+        pins.append(f'{KEY_DIR}="{Path(cfg.secagg.key_dir).resolve()}"')
+    if cfg.privacy.client.ledger_dir:
+        pins.append(f'{LEDGER_DIR}="{Path(cfg.privacy.client.ledger_dir).resolve()}"')
+    if cfg.attack.name != "none":  # the launcher runs a test federation: its own simulated attackers are allowed
+        pins.append(f'{SIMULATED_ATTACKS}="allow"')
+    return " ".join(pins)
 
 
 def _absolute(cfg: ExperimentConfig) -> ExperimentConfig:
