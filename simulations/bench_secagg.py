@@ -287,6 +287,12 @@ def verdict(runs: dict[str, dict[str, Any]], ratio: dict[str, dict[str, Any]], c
     total = runs[t2]["upload_total_bytes_per_client"]
     out["upload per client counting every reply vs float32 (t=2)"] = {
         "value": round(total / float32, 3), "target": 1.5, "met": total / float32 <= 1.5}
+    narrow = "threshold_offline_t2_b15"
+    if narrow in runs:  # the same protocol with 15-bit fixed point: one slot bit less per value
+        total = runs[narrow]["upload_total_bytes_per_client"]
+        out["upload per client counting every reply vs float32 (t=2, secagg.bits=15)"] = {
+            "value": round(total / float32, 3), "target": 1.5, "met": total / float32 <= 1.5,
+            "accuracy_diff_pp_vs_plaintext": round(ratio[f"{narrow}/plaintext"]["accuracy_diff_pp"], 3)}
     return out
 
 
@@ -320,7 +326,7 @@ def main() -> None:
     parser.add_argument("--max-test-samples", type=int, default=0, help="0 = full test set")
     parser.add_argument("--key-bits", type=int, default=2048)
     parser.add_argument(
-        "--methods", default="none,paillier_offline,threshold_offline_t2,threshold_offline_t5,secaggplus",
+        "--methods", default="none,paillier_offline,threshold_offline_t2,threshold_offline_t5,threshold_offline_t2_b15,secaggplus",
         help="none, paillier, paillier_offline (single key), threshold (t=2, online), threshold_offline_t<T>, secaggplus",
     )
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repeats of every method")
