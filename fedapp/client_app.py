@@ -56,8 +56,6 @@ from fedapp.wrappers import CLIENT_ID_KEY, DECLINED_KEY, EPSILON_KEY, REASON_COD
 
 NextHandler = Callable[[Message, Context], Message]  # what a client mod calls to go on
 LEDGER_STATE_KEY = "fedapp.privacy.ledger"  # where a client's DP ledger lives in context.state
-DECRYPTED_STATE_KEY = "fedapp.secagg.decrypted"  # which contribution set this decryptor helped decrypt, per round
-SIGNED_STATE_KEY = "fedapp.secagg.signed"  # the last round this client signed a contribution for, per run
 
 
 class FedappClient(NumPyClient):
@@ -144,15 +142,10 @@ class FedappClient(NumPyClient):
 
     def _claim_round(self, server_round: int) -> None:
         """At most one signed contribution per round (:class:`~fedapp.crypto.contributions.ContributionGate`)."""
-        record = self.state.get(SIGNED_STATE_KEY)
-        on_disk = load_party_state(self.cfg.secagg.key_dir, self.partition_id)
-        last = {**on_disk["signed"]}
-        for run, rnd in (dict(record) if record is not None else {}).items():  # the later of the two copies
-            last[run] = max(int(rnd), int(last.get(run, 0)))
-        gate = ContributionGate(last)
+        remembered = load_party_state(self.cfg.secagg.key_dir, self.partition_id)
+        gate = ContributionGate(remembered["signed"])
         gate.claim(run_id=self.run_id, server_round=server_round)
-        self.state[SIGNED_STATE_KEY] = ConfigRecord(gate.last)
-        save_party_state(self.cfg.secagg.key_dir, self.partition_id, {**on_disk, "signed": gate.last})
+        save_party_state(self.cfg.secagg.key_dir, self.partition_id, {**remembered, "signed": gate.last})
 
     def _encrypt_update(self, old: NDArrays, new: NDArrays, config: dict[str, Scalar]) -> NDArrays:
         if is_threshold_key_dir(self.cfg.secagg.key_dir):
@@ -174,16 +167,14 @@ class FedappClient(NumPyClient):
     def _partial_decrypt(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """Threshold decryptor step: signed updates in, checked and summed here, one partial decryption out."""
         party = self._party()
-        record = self.state.get(DECRYPTED_STATE_KEY)
-        on_disk = load_party_state(self.cfg.secagg.key_dir, self.partition_id)
-        memory = DecryptionMemory({**(dict(record) if record is not None else {}), **on_disk["decrypted"]})
+        remembered = load_party_state(self.cfg.secagg.key_dir, self.partition_id)
+        memory = DecryptionMemory(remembered["decrypted"])
         partials = threshold_partial_decrypt(
             parameters, share=party.share, policy=party.policy, memory=memory, run_id=self.run_id,
             server_round=int(config[SECAGG_ROUND]),
             settings=settings_for(self.cfg.secagg, self.cfg.partition.num_clients),
         )
-        self.state[DECRYPTED_STATE_KEY] = ConfigRecord(memory.seen)
-        save_party_state(self.cfg.secagg.key_dir, self.partition_id, {**on_disk, "decrypted": memory.seen})
+        save_party_state(self.cfg.secagg.key_dir, self.partition_id, {**remembered, "decrypted": memory.seen})
         return [partials], 0, {CLIENT_ID_KEY: self.partition_id, SECAGG_SHARE_INDEX: party.share.index}
 
     def _decrypt_aggregate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:

@@ -62,7 +62,7 @@ def check_paillier_keys(cfg: ExperimentConfig) -> None:
     (``python -m fedapp.keys deal``), a policy that lets two disjoint groups of
     decryptors release two different sums in one round is warned about.
     """
-    from fedapp.crypto.contributions import read_roster
+    from fedapp.crypto.contributions import differencing_safe, read_roster
     from fedapp.crypto.dealing import is_threshold_key_dir
     from fedapp.crypto.threshold import load_threshold_params
 
@@ -102,7 +102,8 @@ def check_paillier_keys(cfg: ExperimentConfig) -> None:
             "that sends the same model to different subsets over several rounds can solve the sums for each "
             "client's (nearly repeated) update; use min_contributors = %d or add DP noise",
             cfg.secagg.min_contributors, enrolled, enrolled)
-    if 2 * params.threshold <= params.num_parties and cfg.secagg.min_contributors < enrolled:
+    if not differencing_safe(threshold=params.threshold, num_parties=params.num_parties,
+                             min_contributors=cfg.secagg.min_contributors, enrolled=enrolled):
         log(logging.WARNING, "threshold %d of %d with min_contributors %d < %d clients: two disjoint groups of "
             "decryptors could each release a different sum in one round, whose difference is one update; use "
             "--threshold > %d or --min-contributors %d", params.threshold, params.num_parties,

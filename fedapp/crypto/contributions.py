@@ -107,7 +107,15 @@ class DecryptionPolicy:
         Any two groups of ``t`` decryptors share one when ``2 t > l``; with
         ``min_contributors == l`` only one sum (all clients) exists.
         """
-        return 2 * self.threshold > self.num_parties or self.min_contributors >= len(self.roster)
+        return differencing_safe(
+            threshold=self.threshold, num_parties=self.num_parties, min_contributors=self.min_contributors,
+            enrolled=len(self.roster),
+        )
+
+
+def differencing_safe(*, threshold: int, num_parties: int, min_contributors: int, enrolled: int) -> bool:
+    """Any two groups of ``threshold`` decryptors share one (``2 t > l``), or every sum must hold all clients."""
+    return 2 * threshold > num_parties or min_contributors >= enrolled
 
 
 def write_roster(directory: str | Path, roster: dict[str, Ed25519PublicKey]) -> Path:
@@ -213,8 +221,8 @@ def contribution_set_digest(messages: Sequence[EncryptedVector], public_key: Pub
 class DecryptionMemory:
     """Which contribution set this decryptor helped decrypt in each round of each run.
 
-    Backed by a plain dict (the ClientApp keeps it in ``context.state``, which
-    Flower holds on the SuperNode between messages). Asking again for the same
+    Backed by a plain dict (the ClientApp keeps it beside its key share,
+    :func:`fedapp.crypto.dealing.save_party_state`). Asking again for the same
     set (a retry) is fine; a different set in the same round is refused.
     """
 
@@ -237,8 +245,8 @@ class ContributionGate:
     Without it a server could ask one client twice in a round and have two
     sums decrypted (by disjoint groups of decryptors, each remembering only its
     own answer) that differ only in that client's update, the other clients'
-    noise shares cancelling. Backed by a plain dict (``context.state`` in the
-    ClientApp).
+    noise shares cancelling. Backed by a plain dict (kept beside the key share
+    by the ClientApp).
     """
 
     def __init__(self, last: dict[str, int] | None = None) -> None:

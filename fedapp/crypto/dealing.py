@@ -111,9 +111,10 @@ PARTY_STATE_FILE = "state.json"
 def load_party_state(key_dir: str | Path, partition_id: int) -> dict[str, dict[str, Any]]:
     """What client ``partition_id`` remembers on its own disk: rounds it signed, sums it helped decrypt.
 
-    Kept beside its key share (``party-<id>/state.json``) so that a SuperNode
-    restart, which loses Flower's ``context.state``, does not let a server
-    ask for a second contribution or a second sum in a round already used.
+    Kept beside its key share (``party-<id>/state.json``), the one copy: unlike
+    Flower's ``context.state`` it survives a SuperNode restart, so a restart
+    does not let a server ask for a second contribution or a second sum in a
+    round already used.
     """
     path = party_dir(key_dir, partition_id) / PARTY_STATE_FILE
     if not path.exists():
