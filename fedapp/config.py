@@ -302,6 +302,33 @@ class DefenseConfig:
 
 
 @dataclass
+class StoreConfig:
+    """Where a run is recorded, checkpointed and audited (:mod:`fedapp.store`).
+
+    ``url`` is any SQLAlchemy URL; empty means ``$FEDAPP_STORE_URL`` or else an
+    SQLite file ``outputs/fedapp.db`` (resolved to an absolute path before the
+    run starts, so a SuperLink's ServerApp writes to the same file).
+    ``checkpoint_every`` rounds (and after the last round) the global model and
+    the strategy's state are written atomically; ``keep_checkpoints`` newest are
+    kept. ``resume`` names a run to continue from its last checkpoint.
+    ``best_effort`` lets a sweep go on when the database is unavailable
+    (otherwise the run fails rather than train without a record).
+    ``audit_key`` is the operator's Ed25519 key (``fedapp keys audit``) that signs
+    the audit chain's head; without one the chain is kept but not signed.
+    """
+
+    enabled: bool = True
+    url: str = ""
+    run_id: str = ""
+    resume: str = ""
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+    best_effort: bool = False
+    audit_key: str = ""
+    retries: int = 5
+
+
+@dataclass
 class ExperimentConfig:
     """One federated experiment, as every fedapp component receives it."""
 
@@ -318,6 +345,7 @@ class ExperimentConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "ExperimentConfig":

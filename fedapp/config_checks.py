@@ -20,6 +20,23 @@ from fedapp.config import (
 )
 
 
+_RUN_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _validate_store(cfg: ExperimentConfig) -> None:
+    st = cfg.store
+    _positive_int("store.checkpoint_every", st.checkpoint_every)
+    _positive_int("store.keep_checkpoints", st.keep_checkpoints)
+    if st.retries < 0:
+        raise ConfigError(f"store.retries must be >= 0, got {st.retries}")
+    for key in ("run_id", "resume"):
+        value = getattr(st, key)
+        if value and (len(value) > 80 or not set(value) <= _RUN_ID_CHARS):
+            raise ConfigError(f"store.{key} must be up to 80 letters, digits, '-', '_' or '.', got {value!r}")
+    if st.resume and not st.enabled:
+        raise ConfigError("store.resume needs store.enabled=true: a run is resumed from its record in the store")
+
+
 def validate_experiment(cfg: ExperimentConfig) -> None:
     """Check ranges and cross-field consistency; raise :class:`ConfigError` naming key and range."""
     _positive_int("num_rounds", cfg.num_rounds)
@@ -75,6 +92,7 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
     _positive_int("runtime.eval_every", r.eval_every)
     _in_range("runtime.superlink_port", r.superlink_port, 1024, 65535, low_open=False, high_open=False)
     _positive_int("runtime.timeout_s", r.timeout_s)
+    _validate_store(cfg)
     _validate_privacy(cfg.privacy)
     _validate_secagg(cfg.secagg, p.num_clients)
     _validate_distributed_dp(cfg.secagg, cfg.privacy)

@@ -70,6 +70,12 @@ class UserLevelLedger:
         """Epsilon spent so far at :attr:`delta` (0 before any round)."""
         return self.ledger.epsilon(self.delta)
 
+    def state_dict(self) -> dict[str, object]:
+        return self.ledger.state_dict()
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.ledger.load_state_dict(state)
+
     def __repr__(self) -> str:
         return f"UserLevelLedger(q={self.sample_rate:g}, delta={self.delta:g}, {self.ledger!r})"
 
@@ -140,6 +146,13 @@ class CentralDPAccounting(StrategyWrapper):
         self.ledger = UserLevelLedger(sample_rate=client_sample_rate(num_sampled_clients, num_clients), delta=delta)
         self.recorder = recorder
 
+    def state_dict(self) -> dict[str, object]:
+        """The accountant's history: a resumed run goes on spending from where it stopped."""
+        return {"ledger": self.ledger.state_dict()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.ledger.load_state_dict(state["ledger"])  # type: ignore[arg-type]
+
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: Failures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
@@ -157,6 +170,10 @@ class CentralDPAccounting(StrategyWrapper):
                 server_round, central_epsilon=epsilon, central_noise_multiplier=effective_sigma, dp_mode="central"
             )
         return params, {**metrics, "central_epsilon": epsilon}
+
+
+def _ledger_state(ledger: UserLevelLedger | None) -> dict[str, object] | None:
+    return None if ledger is None else ledger.state_dict()
 
 
 class DistributedDPAccounting(StrategyWrapper):
@@ -217,6 +234,15 @@ class DistributedDPAccounting(StrategyWrapper):
         sample_rate = client_sample_rate(num_sampled_clients, num_clients)
         self.released = UserLevelLedger(sample_rate=sample_rate, delta=delta) if sample_rate < 1 else None
         self.recorder = recorder
+
+    def state_dict(self) -> dict[str, object]:
+        """Both accountants' histories (against the server, and of the released models)."""
+        return {"ledger": self.ledger.state_dict(), "released": _ledger_state(self.released)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.ledger.load_state_dict(state["ledger"])  # type: ignore[arg-type]
+        if self.released is not None and state.get("released") is not None:
+            self.released.load_state_dict(state["released"])  # type: ignore[arg-type]
 
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: Failures

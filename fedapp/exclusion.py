@@ -9,6 +9,8 @@ excluded here); Byzantine quarantine will put nodes on the same
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -67,6 +69,35 @@ class ExclusionList:
     def entries(self) -> list[Exclusion]:
         """All exclusions in the order they were made."""
         return list(self._entries.values())
+
+    def stale_entry(self, client: str, node_id: str) -> Exclusion | None:
+        """The exclusion of ``client`` made under another node id, if any (a resumed run).
+
+        Node ids are assigned afresh when a SuperLink or simulation restarts, so
+        after a resume an excluded client comes back under a new id; the client
+        label (its partition id) is what identifies it across the restart.
+        """
+        for entry in self._entries.values():
+            if entry.client == client and entry.node_id != node_id:
+                return entry
+        return None
+
+    def rebind(self, entry: Exclusion, node_id: str) -> Exclusion:
+        """Move ``entry`` to ``node_id`` (same client, same reason); the new entry."""
+        self._entries.pop(entry.node_id, None)
+        moved = Exclusion(node_id, entry.client, entry.round, entry.reason_code, entry.reason)
+        self._entries[node_id] = moved
+        return moved
+
+    def state_dict(self) -> dict[str, list[dict[str, object]]]:
+        """Entries in order, for a checkpoint."""
+        return {"entries": [dataclasses.asdict(e) for e in self._entries.values()]}
+
+    def load_state_dict(self, state: dict[str, list[dict[str, object]]]) -> None:
+        self._entries = {}
+        for raw in state.get("entries", []):
+            entry = Exclusion(**raw)  # type: ignore[arg-type]
+            self._entries[entry.node_id] = entry
 
 
 class NotExcluded(Criterion):
@@ -175,10 +206,18 @@ class ClientExclusion(StrategyWrapper):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         kept: FitResults = []
         for proxy, res in results:
+            who = client_label(proxy, res)
+            stale = self.excluded.stale_entry(who, proxy.cid)
+            if stale is not None:
+                self.excluded.rebind(stale, proxy.cid)
+                reason = f"excluded in round {stale.round} ({stale.reason_code}) before the run was resumed; update dropped"
+                log(INFO, "Round %s: client %s: %s", server_round, who, reason)
+                if self.recorder:
+                    self.recorder.event("client_excluded", server_round, reason, client=who, reason_code=stale.reason_code)
+                continue
             if int(res.metrics.get(DECLINED_KEY, 0)) != 1:
                 kept.append((proxy, res))
                 continue
-            who = client_label(proxy, res)
             code = str(res.metrics.get(REASON_CODE_KEY, "unspecified"))
             reason = str(res.metrics.get(REASON_KEY, code))
             if self.excluded.add(Exclusion(proxy.cid, who, server_round, code, reason)):
@@ -191,3 +230,12 @@ class ClientExclusion(StrategyWrapper):
             log(WARNING, "Round %s: every sampled client declined; keeping the current model", server_round)
             return None, {}
         return super().aggregate_fit(server_round, kept, failures)
+
+    def state_dict(self) -> dict[str, object]:
+        """The exclusion list (shared with the quarantine) and whether training has ended."""
+        return {"excluded": self.excluded.state_dict(), "ended_in_round": self.ended_in_round}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.excluded.load_state_dict(state["excluded"])  # type: ignore[arg-type]
+        ended = state.get("ended_in_round")
+        self.ended_in_round = None if ended is None else int(ended)  # type: ignore[arg-type]

@@ -58,8 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     pool.add_argument("--partitions", default="", help="client ids, e.g. '0,3' (default: every client)")
     pool.add_argument("--workers", type=int, default=1, help="processes to spread the work over")
     pool.add_argument("overrides", nargs="*", help="Hydra overrides naming the experiment (model, layout, clients)")
+    audit = sub.add_parser("audit", help="the operator's Ed25519 key that signs every run's audit-log head")
+    audit.add_argument("--dir", required=True, help="where audit_ed25519.pem (private, 0600) and .pub go")
+    audit.add_argument("--force", action="store_true", help="replace an existing key")
     args = parser.parse_args(argv)
 
+    if args.command == "audit":
+        return audit_key(args)
     if args.command == "generate":
         from pathlib import Path
 
@@ -78,6 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         return make_pools(args)
     key = load_public_key(args.dir)
     print(f"key {key.key_id} ({key.bits} bits)")
+    return 0
+
+
+def audit_key(args: argparse.Namespace) -> int:
+    """Make the audit signing key; refusing to overwrite one is a user mistake (exit 2)."""
+    from fedapp.store.audit import AuditError, generate_audit_key
+
+    try:
+        private, public = generate_audit_key(args.dir, overwrite=args.force)
+    except AuditError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"audit key: {private} (keep it on the server host; set store.audit_key to it), public key: {public} "
+          "(give it to whoever verifies: fedapp audit verify RUN --public-key ...)")
     return 0
 
 

@@ -20,15 +20,34 @@ from typing import Any
 
 
 class RunRecorder:
-    """Collects round rows and client/event lines for one run."""
+    """Collects round rows and client/event lines for one run.
 
-    def __init__(self, output_dir: str | Path) -> None:
+    Every client, score and event line is also kept in :attr:`pending` until
+    :meth:`drain` takes it: the run store (:mod:`fedapp.store.durable`) turns a
+    round's lines into its database rows and audit entries at the round boundary.
+    ``resume=True`` keeps the files of the interrupted attempt (appending to them)
+    instead of starting them afresh.
+    """
+
+    def __init__(self, output_dir: str | Path, *, resume: bool = False) -> None:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.rows: dict[int, dict[str, Any]] = {}
+        self.pending: list[dict[str, Any]] = []
         self._round_started: dict[int, float] = {}
-        for name in ("clients.jsonl", "events.jsonl", "scores.jsonl"):
-            (self.output_dir / name).unlink(missing_ok=True)
+        if not resume:
+            for name in ("clients.jsonl", "events.jsonl", "scores.jsonl"):
+                (self.output_dir / name).unlink(missing_ok=True)
+
+    def load_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Restore the round rows of a checkpoint (a resumed run continues the same tables)."""
+        self.rows = {int(row["round"]): dict(row) for row in rows}
+        self._write_tables()
+
+    def drain(self) -> list[dict[str, Any]]:
+        """The client, score and event lines recorded since the last call (each with a ``line`` type)."""
+        taken, self.pending = self.pending, []
+        return taken
 
     def round_started(self, server_round: int) -> None:
         """Mark the start of a round's training phase (for wall time per round)."""
@@ -45,26 +64,29 @@ class RunRecorder:
 
     def client(self, server_round: int, client: str, **fields: Any) -> None:
         """Append what one client reported in one round."""
-        self._append("clients.jsonl", {"round": server_round, "client": client, **fields})
+        self._append("clients.jsonl", {"round": server_round, "client": client, **fields}, line="client")
 
     def score(self, server_round: int, client: str, **fields: Any) -> None:
         """Append how the server scored one client's update in one round."""
-        self._append("scores.jsonl", {"round": server_round, "client": client, **fields})
+        self._append("scores.jsonl", {"round": server_round, "client": client, **fields}, line="score")
 
     def event(self, kind: str, server_round: int, reason: str, **fields: Any) -> None:
         """Append one decision with the reason it was taken."""
         self._append(
             "events.jsonl",
             {"time": time.time(), "round": server_round, "kind": kind, "reason": reason, **fields},
+            line="event",
         )
 
     def table(self) -> list[dict[str, Any]]:
         """Round rows in order."""
         return [self.rows[r] for r in sorted(self.rows)]
 
-    def _append(self, name: str, record: dict[str, Any]) -> None:
+    def _append(self, name: str, record: dict[str, Any], *, line: str) -> None:
+        plain = {k: _plain(v) for k, v in record.items()}
+        self.pending.append({"line": line, **plain})
         with (self.output_dir / name).open("a") as fh:
-            fh.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+            fh.write(json.dumps(plain) + "\n")
 
     def _write_tables(self) -> None:
         rows = self.table()

@@ -126,10 +126,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(rows: list[dict[str, Any]], output_dir: str | Path, title: str = "") -> dict[str, Any]:
-    """``summary.json`` and ``rounds.png`` in ``output_dir``; returns the summary."""
+def write_report(
+    rows: list[dict[str, Any]], output_dir: str | Path, title: str = "", extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``summary.json`` and ``rounds.png`` in ``output_dir``; returns the summary (with ``extra`` keys first)."""
     out = Path(output_dir)
-    summary = summarize(rows)
+    summary = {**(extra or {}), **summarize(rows)}
     clients = read_jsonl(out / "clients.jsonl")
     epsilons: dict[str, float] = {}
     for rec in clients:

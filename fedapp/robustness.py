@@ -327,6 +327,19 @@ class AnomalyQuarantine(StrategyWrapper):
             }
         self.recorder.record(server_round, **row)
 
+    def state_dict(self) -> dict[str, object]:
+        """Reputations and quarantines (the exclusion list itself is saved by :class:`ClientExclusion`)."""
+        return {
+            "reputation": dict(self.reputation),
+            "quarantined": {label: [node, since] for label, (node, since) in self.quarantined.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.reputation = {str(k): float(v) for k, v in state["reputation"].items()}  # type: ignore[union-attr]
+        self.quarantined = {
+            str(label): (str(node), int(since)) for label, (node, since) in state["quarantined"].items()  # type: ignore[union-attr]
+        }
+
     def _event(self, kind: str, server_round: int, reason: str, **fields: object) -> None:
         if self.recorder:
             self.recorder.event(kind, server_round, reason, **fields)

@@ -124,6 +124,16 @@ class PaillierSecureAggregation(StrategyWrapper):
             raise ValueError(f"threshold parameters are for key {threshold.key_id}, not {public_key.key_id}")
         assert_no_private_key(self)
 
+    def state_dict(self) -> dict[str, object]:
+        """The decryptor-choice RNG and the nonces already seen (a replay across a resume is still a replay)."""
+        version, internal, gauss = self._rng.getstate()
+        return {"rng": [version, list(internal), gauss], "seen": sorted(list(t) for t in self._replay_guard.seen)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        version, internal, gauss = state["rng"]  # type: ignore[misc]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._replay_guard.seen = {(str(k), str(n)) for k, n in state["seen"]}  # type: ignore[union-attr]
+
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:

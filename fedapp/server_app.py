@@ -32,6 +32,8 @@ from fedapp.metrics import RunRecorder
 from fedapp.release import release_surface
 from fedapp.report import format_table, write_report
 from fedapp.runconfig import experiment_from_run_config
+from fedapp.store.durable import DurableRun
+from fedapp.store.workflow import DurableWorkflow
 from fedapp.strategies import EvaluateFn, build_strategy
 from fedapp.traffic import TrafficMeter
 from fedapp.training import evaluate, get_weights, set_weights
@@ -86,13 +88,37 @@ def secaggplus_workflow(cfg: ExperimentConfig) -> SecAggPlusWorkflow:
 
 
 def run_experiment(grid: Grid, context: Context, cfg: ExperimentConfig) -> dict:
-    """Run all rounds of ``cfg`` on ``grid``; write outputs; return the summary."""
+    """Run all rounds of ``cfg`` on ``grid`` (from its checkpoint with ``store.resume``); write outputs; return the summary."""
     check_experiment(cfg)
+    durable: DurableRun | None = None
+    if cfg.store.enabled:
+        durable, recorder = DurableRun.open(cfg)
+    else:
+        recorder = RunRecorder(cfg.runtime.output_dir)
     out = Path(cfg.runtime.output_dir)
-    recorder = RunRecorder(out)
+    try:
+        rows = _train(grid, context, cfg, recorder, durable, out)
+    except BaseException as err:
+        if durable is not None:
+            durable.finish("failed", error=f"{type(err).__name__}: {err}".splitlines()[0][:500])
+        raise
+    extra: dict[str, object] = {}
+    if durable is not None:
+        durable.finish("completed")
+        extra = {"run_id": durable.run.run_id, "status": durable.status, "attempt": durable.attempt,
+                 "output_dir": str(out), **({"error": durable.error} if durable.error else {})}
+    summary = write_report(rows, out, title=cfg.name, extra=extra)
+    log(INFO, "Experiment %s finished; outputs in %s\n%s", cfg.name, out, format_table(rows))
+    return summary
+
+
+def _train(
+    grid: Grid, context: Context, cfg: ExperimentConfig, recorder: RunRecorder, durable: DurableRun | None, out: Path
+) -> list[dict]:
+    """Build the strategy and run the rounds; the round rows."""
     (out / "experiment.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     attackers = malicious_clients(cfg.attack, cfg.partition.num_clients)
-    if attackers:  # ground truth for evaluating the defences; no server decision reads it
+    if attackers and (durable is None or durable.start_round == 0):  # evaluation only; no server decision reads it
         recorder.event(
             "attack_ground_truth", 0, f"simulated {cfg.attack.name} attackers (evaluation only)",
             attack=cfg.attack.name, malicious=[str(pid) for pid in attackers],
@@ -106,13 +132,11 @@ def run_experiment(grid: Grid, context: Context, cfg: ExperimentConfig) -> dict:
     )
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy)
     fit_workflow = secaggplus_workflow(cfg) if cfg.secagg.method == "secaggplus" else None
-    if cfg.secagg.method != "none":
+    if cfg.secagg.method != "none" and (durable is None or durable.start_round == 0):
         recorder.event("secure_aggregation", 0, f"fit rounds use {cfg.secagg.method}", method=cfg.secagg.method)
-    DefaultWorkflow(fit_workflow=fit_workflow)(TrafficMeter(grid, recorder), legacy)
-    rows = recorder.table()
-    summary = write_report(rows, out, title=cfg.name)
-    log(INFO, "Experiment %s finished; outputs in %s\n%s", cfg.name, out, format_table(rows))
-    return summary
+    workflow = DefaultWorkflow(fit_workflow=fit_workflow) if durable is None else DurableWorkflow(durable, fit_workflow=fit_workflow)
+    workflow(TrafficMeter(grid, recorder), legacy)
+    return recorder.table()
 
 
 def make_server_app(cfg: ExperimentConfig | None = None) -> ServerApp:

@@ -15,6 +15,7 @@ from typing import Any
 
 from fedapp.components import check_experiment
 from fedapp.config import ExperimentConfig
+from fedapp.store.settings import prepare_run
 
 
 def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -32,6 +33,7 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
 def run_in_simulation(cfg: ExperimentConfig) -> dict[str, Any]:
     """Train ``cfg`` with ``partition.num_clients`` virtual SuperNodes; return the summary."""
     check_experiment(cfg)  # fail on bad config or missing data before Ray starts
+    cfg = prepare_run(cfg)
     from flwr.simulation import run_simulation
 
     from fedapp.client_app import make_client_app

@@ -16,7 +16,9 @@ Two numbers per client and round (training messages only, evaluation excluded):
   that round (serialised arrays, bytes and strings in config records: keys,
   shares, decrypted sums), i.e. the protocol's whole upload, framing excluded.
 
-The round row gets their means over the clients that replied.
+The round row gets their means over the clients that replied, and two round totals for the
+run store: ``upload_round_bytes`` (the sum of the clients' totals) and ``download_round_bytes``
+(every message the server sent with that round's group id, all message types).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class TrafficMeter(Grid):
         self.recorder = recorder
         # round -> node -> [update bytes (first update only), total bytes]
         self._rounds: dict[int, dict[int, list[int]]] = defaultdict(dict)
+        self._down: dict[int, int] = defaultdict(int)  # round -> bytes sent to clients (all message types)
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -80,6 +83,8 @@ class TrafficMeter(Grid):
         return self._grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self._count_sent(messages)
         return self._grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -88,9 +93,21 @@ class TrafficMeter(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self._count_sent(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         self._count(replies)
         return replies
+
+    def _count_sent(self, messages: list[Message]) -> None:
+        touched: set[int] = set()
+        for msg in messages:
+            if msg.metadata.group_id.isdigit():
+                server_round = int(msg.metadata.group_id)
+                self._down[server_round] += payload_bytes(msg.content)
+                touched.add(server_round)
+        for server_round in touched:
+            self.recorder.record(server_round, download_round_bytes=self._down[server_round])
 
     def _count(self, replies: list[Message]) -> None:
         touched: set[int] = set()
@@ -111,4 +128,5 @@ class TrafficMeter(Grid):
                 server_round,
                 upload_update_bytes=float(np.mean(updates)) if updates else 0.0,
                 upload_total_bytes=float(np.mean([t for _, t in nodes])),
+                upload_round_bytes=sum(t for _, t in nodes),
             )

@@ -16,6 +16,7 @@ from flwr.common import (
     EvaluateRes,
     FitIns,
     FitRes,
+    NDArrays,
     Parameters,
     Scalar,
     log,
@@ -98,6 +99,17 @@ def check_update(arrays: list[np.ndarray], expected: list[tuple[int, ...]], num_
         raise MalformedUpdateError(f"num_examples must be > 0, got {num_examples}")
 
 
+def update_norm(weights: NDArrays, reference: NDArrays) -> float | None:
+    """L2 norm of ``weights - reference``; None when the reply is not a plain model (ciphertexts, declines)."""
+    if not reference or len(weights) != len(reference) or any(w.shape != r.shape for w, r in zip(weights, reference)):
+        return None
+    return float(np.sqrt(sum(float(np.sum((w.astype(np.float64) - r) ** 2)) for w, r in zip(weights, reference))))
+
+
+def _order_key(label: str) -> tuple[int, str]:
+    return (0, f"{int(label):012d}") if label.isdigit() else (1, label)
+
+
 def client_label(proxy: ClientProxy, res: FitRes | EvaluateRes | None = None) -> str:
     """The client's partition id when it reported one, else its node id."""
     if res is not None and CLIENT_ID_KEY in res.metrics:
@@ -152,19 +164,27 @@ class MetricsRecording(StrategyWrapper):
     def __init__(self, strategy: Strategy, recorder: RunRecorder) -> None:
         super().__init__(strategy)
         self.recorder = recorder
+        self._global: NDArrays = []
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         self.recorder.round_started(server_round)
+        self._global = parameters_to_ndarrays(parameters)
         return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: Failures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        # Replies arrive in completion order; aggregating them in client order makes the
+        # floating-point sum, hence the model, the same in every run with the same seed
+        # (what a resumed run is checked against).
+        results = sorted(results, key=lambda r: _order_key(client_label(*r)))
         for proxy, res in results:
+            norm = update_norm(parameters_to_ndarrays(res.parameters), self._global)
+            extra = {} if norm is None else {"update_norm": norm}
             self.recorder.client(
-                server_round, client_label(proxy, res), num_examples=res.num_examples, **dict(res.metrics)
+                server_round, client_label(proxy, res), num_examples=res.num_examples, **extra, **dict(res.metrics)
             )
         for failure in failures:
             reason = failure if isinstance(failure, BaseException) else failure[1].status.message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if "FEDAPP_DATA_ROOT" not in os.environ and SHARED_DATA.exists():
     os.environ["FEDAPP_DATA_ROOT"] = str(SHARED_DATA)
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# Every run is recorded in a run store; the tests' runs go to a throw-away one, never to ./outputs.
+if "FEDAPP_STORE_URL" not in os.environ:
+    os.environ["FEDAPP_STORE_URL"] = f"sqlite:///{tempfile.mkdtemp(prefix='fedapp-test-store-')}/fedapp.db"
 
 
 def mnist_available() -> bool:

@@ -149,13 +149,13 @@ class ReplayGuard:
     """Remembers ``(key id, nonce)`` pairs seen in this run; a second sighting is a replay."""
 
     def __init__(self) -> None:
-        self._seen: set[tuple[str, str]] = set()
+        self.seen: set[tuple[str, str]] = set()
 
     def check(self, msg: EncryptedVector) -> None:
         token = (msg.key_id, msg.nonce)
-        if token in self._seen:
+        if token in self.seen:
             raise CiphertextRejected("replay", f"nonce {msg.nonce} from {msg.sender} was already used")
-        self._seen.add(token)
+        self.seen.add(token)
 
 
 def encrypt_vector(

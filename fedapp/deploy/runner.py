@@ -35,6 +35,7 @@ from fedapp.deploy.processes import (
 )
 from fedapp.deploy.staging import project_root, stage_app
 from fedapp.runconfig import write_run_config_toml
+from fedapp.store.settings import prepare_run
 
 
 def run_in_processes(cfg: ExperimentConfig, *, node_auth: bool = False) -> dict[str, Any]:
@@ -181,4 +182,4 @@ def _absolute(cfg: ExperimentConfig) -> ExperimentConfig:
     raw = cfg.to_dict()
     raw["runtime"]["output_dir"] = str(Path(cfg.runtime.output_dir).expanduser().resolve())
     raw["runtime"]["mode"] = "processes"
-    return ExperimentConfig.from_dict(raw)
+    return prepare_run(ExperimentConfig.from_dict(raw))
