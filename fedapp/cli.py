@@ -23,7 +23,7 @@ from typing import Any, NoReturn, Optional
 
 import typer
 
-from fedapp.store.settings import STORE_URL_ENV, resolve_store_url
+from fedapp.store.settings import STORE_URL_ENV, masked_url, resolve_store_url
 
 app = typer.Typer(
     name="fedapp", help="Federated learning on Flower with privacy you can prove.", no_args_is_help=True,
@@ -55,7 +55,7 @@ def _open_store(url: str):  # type: ignore[no-untyped-def]
     except StoreError as err:
         fail(str(err))
     except Exception as err:  # noqa: BLE001 - a malformed URL raises from deep inside SQLAlchemy
-        fail(f"cannot open the run store {url or resolved!r}: {str(err).splitlines()[0]}")
+        fail(f"cannot open the run store {masked_url(resolved)!r}: {str(err).splitlines()[0]}")
 
 
 def _get_run(store, run_id: str):  # type: ignore[no-untyped-def]
@@ -225,9 +225,18 @@ def audit_verify(
     run_id: str,
     store: str = StoreOption,
     public_key: Optional[Path] = typer.Option(None, "--public-key", help="the operator's audit_ed25519.pub (pins the signer)"),
+    allow_unsigned_tail: bool = typer.Option(
+        False, "--allow-unsigned-tail", help="accept entries after the last signed head (a run that crashed mid-round)"),
 ) -> None:
-    """Check the run's audit chain against the head recorded in the store (and its signature); exit 1 if tampered."""
-    from fedapp.store.audit import AuditError, load_public_key, verify_log
+    """Check the run's audit chain, its recorded head and (with --public-key) its signature; exit 1 if it fails.
+
+    The run store's head is only a second witness: whoever can edit the log may
+    also be able to edit the store. With ``--public-key`` only what the operator's
+    key signed counts: entries after the signed head are an *unsigned tail*
+    (exit 1 unless ``--allow-unsigned-tail``), and a completed run must end with
+    a signed ``run_end``.
+    """
+    from fedapp.store.audit import AuditError, SignedHead, head_path, load_public_key, verify_log
     from fedapp.store.durable import AUDIT_FILE
 
     db = _open_store(store)
@@ -242,7 +251,18 @@ def audit_verify(
         fail(f"run {run_id} has no audit log at {path}", code=1)
     report = verify_log(path, expected_head=(record.audit_seq, record.audit_head), public_key=key, run_id=run_id)
     typer.echo(report.line())
-    raise typer.Exit(0 if report.ok else 1)
+    if not report.ok:
+        raise typer.Exit(1)
+    if key is not None:
+        signed = SignedHead.from_dict(json.loads(head_path(path).read_text()))
+        last = json.loads(path.read_text().splitlines()[-1]) if report.entries else {}
+        if signed.seq < report.entries and not allow_unsigned_tail:
+            typer.echo(f"FAIL: entries {signed.seq + 1}..{report.entries} come after the last signed head "
+                       "(pass --allow-unsigned-tail for a run that crashed mid-round)")
+            raise typer.Exit(1)
+        if record.status == "completed" and (last.get("kind") != "run_end" or signed.seq != report.entries):
+            typer.echo("FAIL: the run is recorded as completed but its log does not end with a signed run_end entry")
+            raise typer.Exit(1)
 
 
 def main() -> None:

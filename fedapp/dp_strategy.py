@@ -23,9 +23,11 @@ Both wrappers keep their books in a :class:`UserLevelLedger`.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 from logging import INFO
 
+import numpy as np
 from flwr.common import Parameters, Scalar, log
 from flwr.server.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
@@ -153,9 +155,17 @@ class CentralDPAccounting(StrategyWrapper):
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.ledger.load_state_dict(state["ledger"])  # type: ignore[arg-type]
 
+    def book_release(self, scope: str, noise_multiplier: float) -> None:
+        """Book a release logged before a crash (a resumed run replays the audit log's spends)."""
+        if scope == "central_epsilon":
+            self.ledger.spend(noise_multiplier)
+
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: Failures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        # Flower's fixed-clipping wrapper draws its noise from numpy's global generator, whose state a
+        # checkpoint or a guess could reveal; reseed it from the OS so no saved state predicts this noise.
+        np.random.seed(np.frombuffer(os.urandom(64), dtype=np.uint32))
         params, metrics = super().aggregate_fit(server_round, uniform_weights(results), failures)
         if params is None:  # nothing released, nothing spent
             return params, metrics
@@ -241,8 +251,17 @@ class DistributedDPAccounting(StrategyWrapper):
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.ledger.load_state_dict(state["ledger"])  # type: ignore[arg-type]
-        if self.released is not None and state.get("released") is not None:
+        if self.released is not None:
+            if state.get("released") is None:
+                raise ValueError("the checkpoint has no history for the released-model accountant this run keeps")
             self.released.load_state_dict(state["released"])  # type: ignore[arg-type]
+
+    def book_release(self, scope: str, noise_multiplier: float) -> None:
+        """Book a release logged before a crash (a resumed run replays the audit log's spends)."""
+        if scope == "central_epsilon":
+            self.ledger.spend(noise_multiplier)
+        elif scope == "released_epsilon" and self.released is not None:
+            self.released.spend(noise_multiplier)
 
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: Failures

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
@@ -70,15 +71,21 @@ class ExclusionList:
         """All exclusions in the order they were made."""
         return list(self._entries.values())
 
-    def stale_entry(self, client: str, node_id: str) -> Exclusion | None:
+    def node_of(self, client: str) -> str | None:
+        """The node id ``client`` is excluded under now (it changes when an entry is re-bound), or None."""
+        return next((e.node_id for e in self._entries.values() if e.client == client), None)
+
+    def stale_entry(self, client: str, node_id: str, live: Collection[str] = ()) -> Exclusion | None:
         """The exclusion of ``client`` made under another node id, if any (a resumed run).
 
         Node ids are assigned afresh when a SuperLink or simulation restarts, so
         after a resume an excluded client comes back under a new id; the client
-        label (its partition id) is what identifies it across the restart.
+        label (its partition id) is what identifies it across the restart. Only an
+        entry whose node is gone (not in ``live``) moves: a live excluded node keeps its
+        exclusion even if another node claims its label.
         """
         for entry in self._entries.values():
-            if entry.client == client and entry.node_id != node_id:
+            if entry.client == client and entry.node_id != node_id and entry.node_id not in live:
                 return entry
         return None
 
@@ -180,10 +187,12 @@ class ClientExclusion(StrategyWrapper):
         self.recorder = recorder
         self.excluded = excluded if excluded is not None else ExclusionList()
         self.ended_in_round: int | None = None
+        self._live: set[str] = set()
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
+        self._live = set(client_manager.all())
         view = ExcludingClientManager(client_manager, self.excluded)
         remaining = view.num_available()
         if len(self.excluded) and remaining < self.min_fit_clients:
@@ -207,7 +216,7 @@ class ClientExclusion(StrategyWrapper):
         kept: FitResults = []
         for proxy, res in results:
             who = client_label(proxy, res)
-            stale = self.excluded.stale_entry(who, proxy.cid)
+            stale = self.excluded.stale_entry(who, proxy.cid, live=self._live)
             if stale is not None:
                 self.excluded.rebind(stale, proxy.cid)
                 reason = f"excluded in round {stale.round} ({stale.reason_code}) before the run was resumed; update dropped"
@@ -215,7 +224,7 @@ class ClientExclusion(StrategyWrapper):
                 if self.recorder:
                     self.recorder.event("client_excluded", server_round, reason, client=who, reason_code=stale.reason_code)
                 continue
-            if int(res.metrics.get(DECLINED_KEY, 0)) != 1:
+            if res.metrics.get(DECLINED_KEY, 0) not in (1, True):  # any other value (even "yes") is not a decline
                 kept.append((proxy, res))
                 continue
             code = str(res.metrics.get(REASON_CODE_KEY, "unspecified"))

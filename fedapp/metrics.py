@@ -84,7 +84,7 @@ class RunRecorder:
 
     def _append(self, name: str, record: dict[str, Any], *, line: str) -> None:
         plain = {k: _plain(v) for k, v in record.items()}
-        self.pending.append({"line": line, **plain})
+        self.pending.append({**plain, "line": line})  # last: a client-reported metric named "line" cannot relabel it
         with (self.output_dir / name).open("a") as fh:
             fh.write(json.dumps(plain) + "\n")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import secrets
 import warnings
 from collections.abc import Callable, Iterator
@@ -113,8 +114,18 @@ class PrivacyLedger:
         return {"mechanism": self.mechanism, "history": [tuple(h) for h in deepcopy(self.history)]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; a different mechanism is refused (Opacus checks it)."""
-        history = [(float(s), float(q), int(n)) for s, q, n in state.get("history", [])]
+        """Restore a :meth:`state_dict`; a different mechanism or an impossible entry is refused.
+
+        A history can come from a file someone else could write (a checkpoint, a
+        ledger folder): a negative step count or a NaN sigma would lower or break
+        the epsilon, so every entry must be finite sigma > 0, 0 < q <= 1, steps >= 1.
+        """
+        history = []
+        for sigma, q, n in state.get("history", []):
+            sigma, q = float(sigma), float(q)
+            if not (math.isfinite(sigma) and sigma > 0 and 0 < q <= 1 and int(n) == n and int(n) >= 1):
+                raise ValueError(f"impossible privacy-ledger entry (sigma={sigma}, q={q}, steps={n})")
+            history.append((sigma, q, int(n)))
         self.accountant.load_state_dict({"mechanism": state.get("mechanism"), "history": history})
 
     def save(self, path: str | Path) -> None:
@@ -122,7 +133,10 @@ class PrivacyLedger:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.state_dict()))
+        with open(tmp, "w") as fh:  # fsync: "never under-counted" must survive a power cut, not only a crash
+            fh.write(json.dumps(self.state_dict()))
+            fh.flush()
+            os.fsync(fh.fileno())
         tmp.replace(target)
 
     @classmethod

@@ -289,7 +289,7 @@ class AnomalyQuarantine(StrategyWrapper):
         for label, (node, since) in list(self.quarantined.items()):
             if server_round - since <= self.release_after:
                 continue
-            self.excluded.remove(node)
+            self.excluded.remove(self.excluded.node_of(label) or node)  # its node id may have been re-bound
             del self.quarantined[label]
             self.reputation[label] = self.quarantine_below
             reason = (

@@ -18,7 +18,7 @@ are refused at start-up (:func:`fedapp.strategies.check_strategy_config`).
 from __future__ import annotations
 
 import json
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.common import Context, NDArrays, Scalar, log
@@ -32,6 +32,7 @@ from fedapp.metrics import RunRecorder
 from fedapp.release import release_surface
 from fedapp.report import format_table, write_report
 from fedapp.runconfig import experiment_from_run_config
+from fedapp.store.db import StoreError
 from fedapp.store.durable import DurableRun
 from fedapp.store.workflow import DurableWorkflow
 from fedapp.strategies import EvaluateFn, build_strategy
@@ -92,8 +93,13 @@ def run_experiment(grid: Grid, context: Context, cfg: ExperimentConfig) -> dict:
     check_experiment(cfg)
     durable: DurableRun | None = None
     if cfg.store.enabled:
-        durable, recorder = DurableRun.open(cfg)
-    else:
+        try:
+            durable, recorder = DurableRun.open(cfg)
+        except StoreError as err:
+            if not cfg.store.best_effort or cfg.store.resume:
+                raise
+            log(WARNING, "store.best_effort: %s; this run goes on WITHOUT a record, checkpoints or audit log", err)
+    if durable is None:
         recorder = RunRecorder(cfg.runtime.output_dir)
     out = Path(cfg.runtime.output_dir)
     try:

@@ -107,7 +107,13 @@ def update_norm(weights: NDArrays, reference: NDArrays) -> float | None:
 
 
 def _order_key(label: str) -> tuple[int, str]:
-    return (0, f"{int(label):012d}") if label.isdigit() else (1, label)
+    if label.isascii() and label.isdigit() and len(label) <= 18:
+        return (0, f"{int(label):018d}")
+    return (1, label)
+
+
+# Keys of a client record that the server writes; a client's metric of the same name is not allowed to replace them.
+_RECORD_KEYS = frozenset({"round", "client", "num_examples", "update_norm", "line", "kind", "time"})
 
 
 def client_label(proxy: ClientProxy, res: FitRes | EvaluateRes | None = None) -> str:
@@ -183,8 +189,9 @@ class MetricsRecording(StrategyWrapper):
         for proxy, res in results:
             norm = update_norm(parameters_to_ndarrays(res.parameters), self._global)
             extra = {} if norm is None else {"update_norm": norm}
+            reported = {k: v for k, v in res.metrics.items() if k not in _RECORD_KEYS}
             self.recorder.client(
-                server_round, client_label(proxy, res), num_examples=res.num_examples, **extra, **dict(res.metrics)
+                server_round, client_label(proxy, res), **reported, num_examples=res.num_examples, **extra
             )
         for failure in failures:
             reason = failure if isinstance(failure, BaseException) else failure[1].status.message

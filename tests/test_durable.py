@@ -24,7 +24,7 @@ from fedapp.metrics import read_jsonl
 from fedapp.privacy import PrivacyLedger
 from fedapp.store.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from fedapp.store.db import RunStore, StoreError
-from fedapp.store.durable import AUDIT_FILE, DurableRun
+from fedapp.store.durable import AUDIT_FILE, DurableRun, release_run_lock
 from fedapp.store.state import strategy_state
 from fedapp.strategies import build_strategy
 from fedapp.training import get_weights
@@ -52,6 +52,12 @@ def _cfg(tmp_path: Path, **overrides: object) -> ExperimentConfig:
 
 def _strategy(cfg: ExperimentConfig, durable: DurableRun):  # type: ignore[no-untyped-def]
     return build_strategy(cfg, initial_parameters=get_weights(new_model(cfg)), evaluate_fn=None, recorder=durable.recorder)
+
+
+def _crash(durable: DurableRun) -> None:
+    """What the process's death does: the database connection and the run lock go (nothing else is written)."""
+    durable.store.close()
+    release_run_lock(durable._lock)
 
 
 def _rounds(durable: DurableRun, cfg: ExperimentConfig, upto: int, strategy=None) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
@@ -99,7 +105,7 @@ def test_resume_restores_state_and_refuses_corruption_and_foreign_config(tmp_pat
     _rounds(durable, cfg, upto=3, strategy=strategy)  # checkpoints after rounds 0 and 2; round 3 committed without one
     saved = strategy_state(strategy)
     run_id = durable.run.run_id
-    durable.store.close()  # the "crash": no finish()
+    _crash(durable)  # no finish()
 
     resumed_cfg = _cfg(tmp_path, **overrides, **{"store.resume": run_id})
     resumed, recorder = DurableRun.open(resumed_cfg)
@@ -110,7 +116,7 @@ def test_resume_restores_state_and_refuses_corruption_and_foreign_config(tmp_pat
     assert json.dumps(strategy_state(fresh), sort_keys=True, default=str) == json.dumps(saved, sort_keys=True, default=str)
     assert "node-a" in next(m for m in strategy_chain(fresh) if isinstance(m, AnomalyQuarantine)).excluded
     assert sorted(recorder.rows) == [0, 1, 2]  # the rows of the rounds the checkpoint covers, not round 3's
-    resumed.store.close()
+    _crash(resumed)
 
     store = RunStore(resumed_cfg.store.url)
     ckpt = store.latest_checkpoint(run_id)
@@ -128,12 +134,25 @@ def test_resume_refuses_a_tampered_audit_log(tmp_path: Path) -> None:
     durable, _ = DurableRun.open(cfg)
     _rounds(durable, cfg, upto=2)
     audit = Path(durable.run.output_dir) / AUDIT_FILE
-    durable.store.close()
+    _crash(durable)
     lines = audit.read_text().splitlines()
     del lines[2]  # the adversary removes an entry before the run is resumed
     audit.write_text("\n".join(lines) + "\n")
     with pytest.raises(CheckpointError, match="audit log"):
         DurableRun.open(_cfg(tmp_path, **{"store.resume": durable.run.run_id}))
+
+
+def test_a_live_run_cannot_be_resumed_under_it(tmp_path: Path) -> None:
+    """Two writers would interleave audit entries: the second is refused while the first holds the run."""
+    cfg = _cfg(tmp_path)
+    durable, _ = DurableRun.open(cfg)
+    _rounds(durable, cfg, upto=2)
+    with pytest.raises(ConfigError, match="being written by another live process"):
+        DurableRun.open(_cfg(tmp_path, **{"store.resume": durable.run.run_id}))
+    _crash(durable)
+    resumed, _ = DurableRun.open(_cfg(tmp_path, **{"store.resume": durable.run.run_id}))
+    assert resumed.start_round == 2
+    _crash(resumed)
 
 
 def test_unreachable_store_fails_the_run_before_training(tmp_path: Path) -> None:
@@ -245,3 +264,142 @@ def test_privacy_spend_of_an_interrupted_round_stays_spent(tmp_path: Path) -> No
     assert events and 3 in events[0]["fields"]["interrupted_rounds"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["attempt"] == 2
+
+
+# ------------------------------------------------------------------ an insider with the output folder and the store
+
+def _signed_run(tmp_path: Path, upto: int = 3, **overrides: object):  # type: ignore[no-untyped-def]
+    from fedapp.store.audit import generate_audit_key
+
+    private, public = generate_audit_key(tmp_path / "keys")
+    cfg = _cfg(tmp_path, **{"store.audit_key": str(private)}, **overrides)
+    durable, _ = DurableRun.open(cfg)
+    _rounds(durable, cfg, upto=upto)
+    _crash(durable)
+    return cfg, durable.run.run_id, private
+
+
+def test_resume_will_not_sign_a_chain_the_insider_rewrote(tmp_path: Path) -> None:
+    """The insider drops the entries of round 1, re-hashes the rest, fixes the store's head and deletes the head file."""
+    from fedapp.store.audit import entry_hash, head_path
+
+    cfg, run_id, _ = _signed_run(tmp_path)
+    audit = tmp_path / "run" / AUDIT_FILE
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    kept = [e for e in entries if e["round"] != 1]
+    prev = "0" * 64
+    for seq, e in enumerate(kept, start=1):
+        e["seq"], e["prev"] = seq, prev
+        e["hash"] = prev = entry_hash({k: v for k, v in e.items() if k != "hash"})
+    audit.write_text("".join(json.dumps(e) + "\n" for e in kept))
+    head_path(audit).unlink()
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(cfg.store.url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE runs SET audit_seq=:s, audit_head=:h WHERE run_id=:r"),
+                     {"s": len(kept), "h": prev, "r": run_id})
+    engine.dispose()
+    with pytest.raises(CheckpointError, match="does not verify"):
+        DurableRun.open(_cfg(tmp_path, **{"store.audit_key": cfg.store.audit_key, "store.resume": run_id}))
+    with pytest.raises(CheckpointError, match="signed with audit key"):  # and without the key it is not resumed either
+        DurableRun.open(_cfg(tmp_path, **{"store.resume": run_id}))
+
+
+def test_resume_refuses_a_forged_checkpoint_even_with_its_hash_in_the_store(tmp_path: Path) -> None:
+    """The insider writes a checkpoint with an emptied accountant and puts its SHA-256 into the store."""
+    from fedapp.store.checkpoint import read_checkpoint as read, write_checkpoint as write
+
+    cfg, run_id, _ = _signed_run(tmp_path)
+    store = RunStore(cfg.store.url)
+    record = store.latest_checkpoint(run_id)
+    store.close()
+    assert record is not None
+    real = read(record.path, expected_sha256=record.sha256)
+    forged = write(record.path, server_round=real.round, model=[m * 0 for m in real.model], state=real.state, meta=real.meta)
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(cfg.store.url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE checkpoints SET sha256=:h WHERE run_id=:r AND round=:n"),
+                     {"h": forged.sha256, "r": run_id, "n": record.round})
+    engine.dispose()
+    with pytest.raises(CheckpointError, match="not one the audit chain recorded"):
+        DurableRun.open(_cfg(tmp_path, **{"store.audit_key": cfg.store.audit_key, "store.resume": run_id}))
+
+
+def test_server_releases_after_the_checkpoint_are_booked_again(tmp_path: Path) -> None:
+    """Central DP: rounds 3 and 4 were released before the crash but after the checkpoint of round 2."""
+    from fedapp.dp_strategy import CentralDPAccounting
+    from fedapp.store.state import strategy_chain
+
+    overrides = {"privacy.central.enabled": True, "privacy.central.noise_multiplier": 1.2, "strategy.fraction_fit": 1.0}
+    cfg = _cfg(tmp_path, **overrides)
+    durable, recorder = DurableRun.open(cfg)
+    strategy = _strategy(cfg, durable)
+    ledger = next(m for m in strategy_chain(strategy) if isinstance(m, CentralDPAccounting)).ledger
+    model = get_weights(new_model(cfg))
+    for r in range(0, 5):
+        if r:
+            eps = ledger.spend(1.2)
+            recorder.record(r, fit_clients=3, central_epsilon=eps, central_noise_multiplier=1.2)
+            recorder.client(r, "0", num_examples=1)
+            durable.released(r)
+        if r <= 2:
+            durable.round_done(r, model, strategy)
+    steps_at_crash = ledger.ledger.steps
+    _crash(durable)  # rounds 3 and 4 were released (logged) but never committed
+    resumed, rec = DurableRun.open(_cfg(tmp_path, **overrides, **{"store.resume": durable.run.run_id}))
+    fresh = _strategy(_cfg(tmp_path, **overrides), resumed)
+    resumed.restore(fresh)
+    booked = next(m for m in strategy_chain(fresh) if isinstance(m, CentralDPAccounting)).ledger
+    assert resumed.start_round == 2 and steps_at_crash == 4
+    assert booked.ledger.steps == 4  # 2 from the checkpoint + the 2 releases logged after it: never under-counted
+    _crash(resumed)
+
+
+def test_client_metrics_cannot_forge_records_or_crash_the_round(tmp_path: Path) -> None:
+    """A client reports metrics named like the recorder's own fields, and non-numbers where numbers belong."""
+    cfg = _cfg(tmp_path)
+    durable, recorder = DurableRun.open(cfg)
+    strategy = _strategy(cfg, durable)
+    recorder.record(0)
+    durable.round_done(0, get_weights(new_model(cfg)), strategy)
+    recorder.record(1, fit_clients=2)
+    recorder.client(1, "0", num_examples=1, line="event", kind="client_released", reason="forged", epsilon="x")
+    recorder.client(1, "1", num_examples=1, declined="yes")
+    durable.round_done(1, get_weights(new_model(cfg)), strategy)
+    store = RunStore(cfg.store.url)
+    updates = {u.client: u for u in store.updates(durable.run.run_id)}
+    assert updates["0"].status == "accepted" and updates["0"].epsilon is None
+    assert set(updates) == {"0", "1"}
+    store.close()
+    kinds = [e["kind"] for e in read_jsonl(tmp_path / "run" / AUDIT_FILE)]
+    assert "client_released" not in kinds
+    _crash(durable)
+
+
+def test_client_dp_resume_needs_the_clients_ledgers(tmp_path: Path) -> None:
+    overrides = {"privacy.client.enabled": True, "privacy.client.noise_multiplier": 1.0, "privacy.client.sample_rate": 0.1}
+    cfg = _cfg(tmp_path, **overrides)
+    durable, _ = DurableRun.open(cfg)
+    _rounds(durable, cfg, upto=2)
+    _crash(durable)
+    with pytest.raises(ConfigError, match="ledger_dir"):
+        DurableRun.open(_cfg(tmp_path, **overrides, **{"store.resume": durable.run.run_id}))
+
+
+def test_a_torn_last_line_is_set_aside_not_lost(tmp_path: Path) -> None:
+    """A crash in the middle of an append leaves half a line past the recorded head: kept aside, noted, resumed."""
+    cfg = _cfg(tmp_path)
+    durable, _ = DurableRun.open(cfg)
+    _rounds(durable, cfg, upto=2)
+    _crash(durable)
+    audit = tmp_path / "run" / AUDIT_FILE
+    with audit.open("a") as fh:
+        fh.write('{"seq": 99, "kind": "aggreg')
+    resumed, _ = DurableRun.open(_cfg(tmp_path, **{"store.resume": durable.run.run_id}))
+    notes = [e for e in read_jsonl(audit) if e["kind"] == "note"]
+    assert notes and notes[0]["fields"]["torn_tail"]["bytes"] == len('{"seq": 99, "kind": "aggreg')
+    assert list((tmp_path / "run").glob("audit.jsonl.torn-*"))
+    _crash(resumed)

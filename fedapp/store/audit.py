@@ -47,6 +47,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -223,6 +224,11 @@ def _fingerprint(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def key_fingerprint(public_key: Ed25519PublicKey) -> str:
+    """Short SHA-256 fingerprint of an audit public key (recorded in ``run_start``; a resume must match it)."""
+    return _fingerprint(_raw_public(public_key))
+
+
 def _plain(value: Any, where: str) -> Any:
     """``value`` as plain JSON data: numpy scalars/arrays unwrapped, tuples as lists, ±inf/nan as strings."""
     if value is None or isinstance(value, (bool, str)):
@@ -268,6 +274,11 @@ class _Scan:
     problem: str = ""
 
 
+def _no_constant(name: str) -> Any:
+    """Bare NaN / Infinity never appear in a log we write (they are written as strings): a forgery."""
+    raise ValueError(f"bare {name} is not valid in an audit entry")
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     # A second "fields" key would make tools that keep the first disagree with the hash.
     out = dict(pairs)
@@ -295,7 +306,7 @@ def _scan(data: bytes, run_id: str | None) -> _Scan:
     hashes = scan.hashes
     for i, raw in enumerate(raw_lines, start=1):
         try:
-            obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+            obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
             entry = AuditEntry.from_dict(obj)
         except (ValueError, UnicodeDecodeError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -364,6 +375,8 @@ def _expected_heads(expected_head: Any) -> list[tuple[int, str, str]]:
     heads = []
     for pair in pairs:
         seq, head = pair
+        if seq == 0 and head in ("", GENESIS):  # nothing recorded yet (a crash right after the run was created)
+            continue
         if not _is_int(seq) or seq < 0 or not _is_hex64(head):
             raise ValueError(f"expected_head must be (seq >= 0, 64 hex digits), got {pair!r}")
         heads.append((seq, head, "recorded"))
@@ -472,7 +485,7 @@ class AuditLog:
         return entries
 
     def _write(self, data: bytes) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         try:
             size = os.fstat(fd).st_size
             if size != self._size:
@@ -500,6 +513,15 @@ class AuditLog:
             raise AuditError(f"{file} is not a valid signed head ({err})") from None
         if signed.run_id != self.run_id:
             raise AuditError(f"{file} is the head of run {signed.run_id!r}, not {self.run_id!r}")
+        if self._key is not None:  # never go on signing a chain whose last head this key did not sign
+            try:
+                self._key.public_key().verify(
+                    bytes.fromhex(signed.signature), head_message(signed.run_id, signed.seq, signed.head))
+            except (InvalidSignature, ValueError):
+                raise AuditError(
+                    f"{file} is not signed by this run's audit key: the log may have been rewritten; refusing to "
+                    "continue (and sign) it"
+                ) from None
         return [(signed.seq, signed.head, "signed head")]
 
     def sign_head(self) -> SignedHead | None:
@@ -516,8 +538,9 @@ class AuditLog:
             signed_at=time.time(),
         )
         target = head_path(self.path)
-        tmp = target.with_name(target.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # A fresh, exclusively created name: a planted symlink cannot redirect the write.
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        tmp = Path(tmp_name)
         try:
             os.write(fd, (json.dumps(signed.to_dict(), indent=1) + "\n").encode("utf-8"))
             os.fsync(fd)

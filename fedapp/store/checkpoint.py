@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,12 +84,18 @@ def write_checkpoint(
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     payload = buffer.getvalue()
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    # mkstemp: a fresh name created exclusively with mode 0600 (a planted symlink cannot redirect the
+    # write, and the model and state are readable by the server's user only).
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     _fsync_dir(target.parent)
     return WrittenCheckpoint(target, hashlib.sha256(payload).hexdigest(), len(payload), time.perf_counter() - started)
 
@@ -120,6 +127,8 @@ def read_checkpoint(path: str | Path, *, expected_sha256: str) -> Checkpoint:
 
 def prune_checkpoints(folder: str | Path, keep: int, *, protect: Path | None = None) -> list[Path]:
     """Delete all but the newest ``keep`` checkpoints in ``folder`` (never ``protect``); the deleted paths."""
+    for stale in Path(folder).glob(".round-*.ckpt.npz.*.tmp"):  # left by a crash mid-write
+        stale.unlink(missing_ok=True)
     found = sorted(Path(folder).glob("round-*.ckpt.npz"))
     doomed = [p for p in found[: max(0, len(found) - keep)] if p != protect]
     for p in doomed:

@@ -400,8 +400,8 @@ class RunStore:
         *,
         audit_head: str,
         audit_seq: int,
-    ) -> None:
-        """Record a finished round in one transaction: all of it, or nothing.
+    ) -> bool:
+        """Record a finished round in one transaction: all of it, or nothing (False: best effort failed).
 
         The round, its client updates, its events, its checkpoint (if one was
         written; filed under the round's attempt) and the run's ``last_round`` and
@@ -432,7 +432,7 @@ class RunStore:
             if checkpoint is not None:
                 conn.execute(CHECKPOINTS.insert().values(**asdict(checkpoint), attempt=round.attempt))
 
-        self._write(f"commit round {round.round} of run {run_id!r}", work)
+        return self._write(f"commit round {round.round} of run {run_id!r}", work)
 
     def add_events(
         self,
@@ -586,13 +586,16 @@ class RunStore:
     def _read(self, what: str, work: Callable[[Connection], _T]) -> _T:
         return self._retrying(what, lambda: self._transaction(work, write=False))
 
-    def _write(self, what: str, work: Callable[[Connection], None]) -> None:
+    def _write(self, what: str, work: Callable[[Connection], None]) -> bool:
+        """Run one write transaction; False when best effort swallowed a failure (the caller may care)."""
         try:
             self._retrying(what, lambda: self._transaction(work, write=True))
         except StoreError as exc:
             if not self.best_effort:
                 raise
             LOGGER.warning("could not %s (best effort, the run goes on): %s", what, exc)
+            return False
+        return True
 
     def _no_run(self, run_id: str) -> UnknownRunError:
         return UnknownRunError(f"no run {run_id!r} in the store at {self.url}")

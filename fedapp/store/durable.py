@@ -28,6 +28,7 @@ the spend of an interrupted round that clients trained in stays spent.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -41,8 +42,8 @@ from flwr.common import ndarrays_to_parameters
 from flwr.server.strategy import FedAvgM, Strategy
 
 from fedapp.config import ConfigError, ExperimentConfig
-from fedapp.metrics import RunRecorder
-from fedapp.store.audit import AuditLog, load_signing_key, verify_log
+from fedapp.metrics import RunRecorder, read_jsonl
+from fedapp.store.audit import AuditLog, key_fingerprint, load_signing_key, verify_log
 from fedapp.store.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -61,13 +62,20 @@ from fedapp.store.records import (
     RoundRecord,
     RunRecord,
 )
-from fedapp.store.settings import run_config_hash, resolve_store_url
+from fedapp.store.settings import masked_url, resolve_store_url, run_config_hash
 from fedapp.store.state import load_rng_state, load_strategy_state, rng_state, strategy_chain, strategy_state
 
 log = logging.getLogger("fedapp.store")
 
 AUDIT_FILE = "audit.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = "run.lock"
+SERVER_SOURCE = "server accountant"
+# (row key of the epsilon, row keys of the noise multiplier it was booked at)
+_SERVER_SPEND = (
+    ("central_epsilon", ("central_noise_multiplier", "distributed_noise_multiplier")),
+    ("released_epsilon", ("distributed_noise_multiplier",)),
+)
 
 # recorder event kind -> (audit kind, client update status or None)
 _EVENT_MAP: dict[str, tuple[str, str | None]] = {
@@ -122,6 +130,9 @@ class DurableRun:
         self.trained_rounds = int(checkpoint.meta.get("trained_rounds", 0)) if checkpoint else 0
         self.status, self.error = "running", None
         self.overhead_s: dict[int, float] = {}  # seconds spent at each round boundary (audit + checkpoint + commit)
+        self._lock: Any = None
+        self._replay: list[dict[str, Any]] = []
+        self._released: set[int] = set()
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -132,9 +143,14 @@ class DurableRun:
         store = RunStore(url, retries=st.retries, best_effort=st.best_effort)
         signing_key = load_signing_key(st.audit_key) if st.audit_key else None
         if st.resume:
-            return cls._resume(cfg, store, signing_key)
+            try:
+                return cls._resume(cfg, store, signing_key)
+            except BaseException:
+                store.close()
+                raise
         run_id = st.run_id or new_run_id(cfg.name)
         out = Path(cfg.runtime.output_dir).resolve()
+        lock = hold_run_lock(out, run_id)
         recorder = RunRecorder(out)
         run = RunRecord(
             run_id=run_id, name=cfg.name, config=cfg.to_dict(), config_hash=run_config_hash(cfg),
@@ -145,14 +161,26 @@ class DurableRun:
         audit.append(
             "run_start", 0, name=cfg.name, config_hash=run.config_hash, code_version=run.code_version,
             mode=cfg.runtime.mode, num_rounds=cfg.num_rounds, signed=signing_key is not None,
+            audit_key=key_fingerprint(signing_key.public_key()) if signing_key else None,
         )
         audit.sign_head()
         store.add_events(run_id, [], audit_head=audit.head, audit_seq=audit.seq)
-        log.info("run %s recorded in %s", run_id, _masked(url))
-        return cls(cfg, recorder, store, run, audit), recorder
+        log.info("run %s recorded in %s", run_id, masked_url(url))
+        durable = cls(cfg, recorder, store, run, audit)
+        durable._lock = lock
+        return durable, recorder
 
     @classmethod
     def _resume(cls, cfg: ExperimentConfig, store: RunStore, signing_key: Any) -> tuple["DurableRun", RunRecorder]:
+        """Reopen a run at its last checkpoint, after checking everything it rests on.
+
+        What a resume trusts is the audit chain, verified with the operator's key when one
+        is configured: the run store and the output folder are writable by the same
+        insider the audit log guards against. So the run's config must match the
+        ``run_start`` entry's hash, the checkpoint must be the one a ``checkpoint`` entry
+        of the chain names, and the server's privacy spend logged after that checkpoint
+        is booked again (those models were released).
+        """
         run_id = cfg.store.resume
         run = store.get_run(run_id)
         if run.status == "completed":
@@ -163,20 +191,38 @@ class DurableRun:
                 f"run {run_id} was started with config {run.config_hash[:12]}, this one is {expected[:12]}: "
                 "resume it with the run's own config (`fedapp resume RUN_ID` reads it from the store)"
             )
+        _require_ledgers(cfg)
+        out = Path(run.output_dir)
+        lock = hold_run_lock(out, run_id)
+        try:
+            return cls._reopen(cfg, store, signing_key, run, expected, lock)
+        except BaseException:
+            release_run_lock(lock)
+            raise
+
+    @classmethod
+    def _reopen(
+        cls, cfg: ExperimentConfig, store: RunStore, signing_key: Any, run: RunRecord, expected: str, lock: Any
+    ) -> tuple["DurableRun", RunRecorder]:
+        run_id, out = run.run_id, Path(run.output_dir)
+        audit_path = out / AUDIT_FILE
+        torn = set_aside_torn_tail(audit_path, recorded_seq=run.audit_seq)
+        public_key = signing_key.public_key() if signing_key else None
+        report = verify_log(audit_path, expected_head=(run.audit_seq, run.audit_head), run_id=run_id, public_key=public_key)
+        if not report.ok:
+            raise CheckpointError(f"the audit log of run {run_id} does not verify: {report.line()}")
+        entries = read_jsonl(audit_path)
+        _check_run_start(entries, run_id, expected, signing_key)
         record = store.latest_checkpoint(run_id)
         if record is None:
             raise CheckpointError(f"run {run_id} has no recorded checkpoint to resume from")
         ckpt = read_checkpoint(record.path, expected_sha256=record.sha256)
-        if ckpt.meta.get("run_id") != run_id or ckpt.meta.get("config_hash") != run.config_hash:
-            raise CheckpointError(
-                f"checkpoint {record.path} belongs to run {ckpt.meta.get('run_id')!r} with config "
-                f"{str(ckpt.meta.get('config_hash'))[:12]}, not to run {run_id} ({run.config_hash[:12]})"
-            )
-        out = Path(run.output_dir)
-        audit_path = out / AUDIT_FILE
-        report = verify_log(audit_path, expected_head=(run.audit_seq, run.audit_head), run_id=run_id)
-        if not report.ok:
-            raise CheckpointError(f"the audit log of run {run_id} does not verify: {report.line()}")
+        _check_checkpoint_in_chain(entries, ckpt, record, run_id, run.config_hash)
+        replay = [
+            e for e in entries
+            if e["seq"] > int(ckpt.meta["audit_seq"]) and e["kind"] == "privacy_spend"
+            and e["fields"].get("source") == SERVER_SOURCE and int(e["round"]) > ckpt.round
+        ]
         audit = AuditLog(audit_path, run_id=run_id, signing_key=signing_key)
         attempt = store.start_attempt(run_id)
         run = store.get_run(run_id)
@@ -187,12 +233,17 @@ class DurableRun:
         interrupted = [r for r in interrupted if r <= cfg.num_rounds]
         note = (
             "rounds after the checkpoint are trained again; clients' ledgers keep the privacy spend of any "
-            "interrupted round they trained in (the update may have been seen), so client epsilon can exceed "
-            "the uninterrupted run's by those rounds, never fall short of it"
+            "interrupted round they trained in (the update may have been seen), and the server's accountants "
+            "book again every release logged after the checkpoint, so epsilon can exceed the uninterrupted "
+            "run's by those rounds, never fall short of it"
         )
+        if torn:
+            audit.append("note", ckpt.round, attempt=attempt, torn_tail=torn,
+                         note="an incomplete last line (a crash in the middle of an append) was set aside")
         audit.append(
             "resume", ckpt.round, attempt=attempt, from_round=ckpt.round, checkpoint_sha256=record.sha256,
-            interrupted_rounds=interrupted, unrecorded_entries=audit.seq - run.audit_seq, note=note,
+            interrupted_rounds=interrupted, unrecorded_entries=max(0, audit.seq - run.audit_seq),
+            server_releases_booked_again=[(e["round"], e["fields"].get("scope")) for e in replay], note=note,
         )
         audit.sign_head()
         store.add_events(
@@ -206,7 +257,9 @@ class DurableRun:
             "run %s resumed (attempt %d) from the checkpoint of round %d; round(s) %s are trained again",
             run_id, attempt, ckpt.round, interrupted,
         )
-        return cls(cfg, recorder, store, run, audit, checkpoint=ckpt), recorder
+        durable = cls(cfg, recorder, store, run, audit, checkpoint=ckpt)
+        durable._lock, durable._replay = lock, replay
+        return durable, recorder
 
     # ------------------------------------------------------------ round loop
     @property
@@ -223,10 +276,36 @@ class DurableRun:
         for member in strategy_chain(strategy):
             if isinstance(member, FedAvgM):  # Flower's FedAvgM steps from its `initial_parameters`
                 member.initial_parameters = ndarrays_to_parameters(self.checkpoint.model)
+        accountants = [m for m in strategy_chain(strategy) if hasattr(m, "book_release")]
+        for entry in self._replay:  # released before the crash, after the checkpoint: spent, whatever came next
+            fields = entry["fields"]
+            for member in accountants:
+                member.book_release(str(fields["scope"]), float(fields["noise_multiplier"]))
         return self.checkpoint.model
 
     def round_started(self) -> None:
         self._round_started = time.time()
+
+    def released(self, server_round: int) -> None:
+        """Log the server accountants' spend of ``server_round`` before its model leaves the server.
+
+        Called right after aggregation: the new model goes out in federated
+        evaluation and in the next round's instructions, so a crash after this
+        point has released it. A resume books these entries again (see ``_resume``).
+        """
+        row = self.recorder.rows.get(server_round, {})
+        items = []
+        for scope, noise_keys in _SERVER_SPEND:
+            if row.get(scope) is None:
+                continue
+            noise = next((row[k] for k in noise_keys if row.get(k) is not None), None)
+            items.append(("privacy_spend", server_round, {
+                "scope": scope, "epsilon": row[scope], "noise_multiplier": noise, "source": SERVER_SOURCE,
+                "attempt": self.attempt,
+            }))
+        if items:
+            self.audit.extend(items)
+        self._released.add(server_round)
 
     def round_done(self, server_round: int, model: list[np.ndarray], strategy: Strategy) -> None:
         """Audit, checkpoint and commit one finished round (see the module docstring for the order)."""
@@ -257,10 +336,10 @@ class DurableRun:
                         float(e.get("time", time.time())))
             for e in lines.events
         ]
-        self.store.commit_round(
+        committed = self.store.commit_round(
             self.run.run_id, record, updates, events, ckpt_record, audit_head=self.audit.head, audit_seq=self.audit.seq
         )
-        if ckpt_record is not None:  # only once the store knows the new one: a crash before leaves the old one usable
+        if ckpt_record is not None and committed:  # only once the store knows the new one: a crash before leaves the old one usable
             prune_checkpoints(self.checkpoint_dir, self.cfg.store.keep_checkpoints, protect=Path(ckpt_record.path))
         self.overhead_s[server_round] = time.perf_counter() - started
 
@@ -279,6 +358,8 @@ class DurableRun:
         self.store.finish_run(self.run.run_id, status, error=error, audit_head=self.audit.head, audit_seq=self.audit.seq)
         self.store.close()
         self.status, self.error = status, error
+        release_run_lock(self._lock)
+        self._lock = None
 
     # -------------------------------------------------------------- helpers
     def _collect(self, server_round: int) -> _RoundLines:
@@ -297,7 +378,7 @@ class DurableRun:
         by_client: dict[str, ClientUpdateRecord] = {}
         for c in lines.clients:
             client = str(c["client"])
-            declined = int(c.get("declined", 0) or 0) == 1
+            declined = _int_or_none(c.get("declined")) == 1
             score = lines.scores.get(client, {})
             by_client[client] = ClientUpdateRecord(
                 run_id=self.run.run_id, round=server_round, attempt=self.attempt, client=client,
@@ -325,19 +406,24 @@ class DurableRun:
         for u in updates:
             if u.client not in self.seen_clients:
                 self.seen_clients.add(u.client)
-                items.append(("client_joined", server_round, {"client": u.client}))
+                items.append(("client_joined", server_round, {"client": u.client, "attempt": self.attempt}))
             if u.status == "declined":
-                items.append(("client_declined", server_round, {"client": u.client, "reason": u.reason}))
+                items.append(("client_declined", server_round, {"client": u.client, "reason": u.reason, "attempt": self.attempt}))
             if u.epsilon is not None:
-                items.append(("privacy_spend", server_round, {"client": u.client, "epsilon": u.epsilon, "source": "client ledger"}))
+                items.append(("privacy_spend", server_round, {
+                    "client": u.client, "epsilon": u.epsilon, "source": "client ledger", "attempt": self.attempt}))
         for e in lines.events:
             mapped = _EVENT_MAP.get(str(e.get("kind")))
             if mapped is not None:
                 fields = {k: v for k, v in e.items() if k not in ("line", "kind", "round", "time")}
-                items.append((mapped[0], server_round, {"event": e["kind"], **fields}))
-        for key in ("central_epsilon", "released_epsilon"):
-            if row.get(key) is not None:
-                items.append(("privacy_spend", server_round, {"scope": key, "epsilon": row[key], "source": "server accountant"}))
+                items.append((mapped[0], server_round, {"event": e["kind"], **fields, "attempt": self.attempt}))
+        if server_round not in self._released:  # a caller that skipped released(): log the spend now
+            for scope, noise_keys in _SERVER_SPEND:
+                if row.get(scope) is not None:
+                    noise = next((row[k] for k in noise_keys if row.get(k) is not None), None)
+                    items.append(("privacy_spend", server_round, {
+                        "scope": scope, "epsilon": row[scope], "noise_multiplier": noise, "source": SERVER_SOURCE,
+                        "attempt": self.attempt}))
         items.append((
             "aggregation", server_round,
             {
@@ -369,21 +455,130 @@ class DurableRun:
         return record
 
 
-def _masked(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - only for a log line
-        return "<store url>"
-
-
 def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
+    """A client-reported count, or None when absent or not a number (a client cannot crash the round)."""
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def hold_run_lock(output_dir: Path, run_id: str) -> Any:
+    """An exclusive lock on ``<output>/run.lock`` for the life of this attempt.
+
+    Two processes writing one run would interleave audit entries and commit each
+    other's rounds; the kernel drops the lock when its holder dies (even by
+    SIGKILL), so a crashed run can be resumed at once.
+    """
+    import fcntl
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(output_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held until finish()
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(
+            f"run {run_id} is being written by another live process (lock held on {output_dir / LOCK_FILE}); "
+            "stop it first"
+        ) from None
+    return handle
+
+
+def release_run_lock(handle: Any) -> None:
+    if handle is not None:
+        handle.close()
+
+
+def set_aside_torn_tail(path: Path, *, recorded_seq: int) -> dict[str, Any] | None:
+    """Move an incomplete last line (a crash mid-append) out of the log, if it lies past the recorded head.
+
+    The bytes go to ``audit.jsonl.torn-<sha256>`` and the resumed chain notes
+    their length and hash, so nothing is silently dropped; a torn line *before*
+    the recorded head is left for verification to refuse (that is tampering).
+    """
+    if not path.exists():
+        return None
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return None
+    cut = data.rfind(b"\n") + 1
+    if data[:cut].count(b"\n") < recorded_seq:
+        return None
+    torn = data[cut:]
+    digest = hashlib.sha256(torn).hexdigest()
+    side = path.with_name(f"{path.name}.torn-{digest[:16]}")
+    side.write_bytes(torn)
+    with open(path, "r+b") as fh:
+        fh.truncate(cut)
+        fh.flush()
+        os.fsync(fh.fileno())
+    log.warning("audit log %s ended in an incomplete line (%d bytes); set aside in %s", path, len(torn), side)
+    return {"bytes": len(torn), "sha256": digest, "file": side.name}
+
+
+def _require_ledgers(cfg: ExperimentConfig) -> None:
+    """Client epsilon lives in the clients' ledgers; without a ledger folder a resumed run would start them at 0."""
+    client = cfg.privacy.client
+    if client.enabled and not client.ledger_dir:
+        raise ConfigError(
+            "resuming a run with client DP needs privacy.client.ledger_dir (the SuperNodes' pinned ledger-dir in "
+            "processes mode): without it the clients' ledgers died with the first attempt and their epsilon would "
+            "restart at 0"
+        )
+
+
+def _check_run_start(entries: list[dict[str, Any]], run_id: str, config_hash: str, signing_key: Any) -> None:
+    """The verified chain's first entry must name this config and, if it was signed, this key."""
+    if not entries or entries[0].get("kind") != "run_start":
+        raise CheckpointError(f"the audit log of run {run_id} does not start with run_start")
+    fields = entries[0]["fields"]
+    if fields.get("config_hash") != config_hash:
+        raise CheckpointError(
+            f"the audit log of run {run_id} started with config {str(fields.get('config_hash'))[:12]}, the store says "
+            f"{config_hash[:12]}: the store's record was changed"
+        )
+    if fields.get("signed"):
+        if signing_key is None:
+            raise CheckpointError(
+                f"run {run_id} was signed with audit key {fields.get('audit_key')}; resume it with store.audit_key "
+                "set to that key (an unsigned attempt would break the chain's guarantee)"
+            )
+        if fields.get("audit_key") != key_fingerprint(signing_key.public_key()):
+            raise CheckpointError(
+                f"run {run_id} was signed with audit key {fields.get('audit_key')}, store.audit_key is "
+                f"{key_fingerprint(signing_key.public_key())}"
+            )
+
+
+def _check_checkpoint_in_chain(
+    entries: list[dict[str, Any]], ckpt: Checkpoint, record: CheckpointRecord, run_id: str, config_hash: str
+) -> None:
+    """The checkpoint must be one the chain recorded (same round and SHA-256) and carry a head of the chain."""
+    if ckpt.meta.get("run_id") != run_id or ckpt.meta.get("config_hash") != config_hash:
+        raise CheckpointError(
+            f"checkpoint {record.path} belongs to run {ckpt.meta.get('run_id')!r} with config "
+            f"{str(ckpt.meta.get('config_hash'))[:12]}, not to run {run_id} ({config_hash[:12]})"
+        )
+    named = any(
+        e["kind"] == "checkpoint" and e["round"] == ckpt.round and e["fields"].get("sha256") == record.sha256
+        for e in entries
+    )
+    if not named or ckpt.round != record.round:
+        raise CheckpointError(
+            f"checkpoint {record.path} (round {ckpt.round}, SHA-256 {record.sha256[:16]}...) is not one the audit "
+            "chain recorded: refusing to resume from it"
+        )
+    seq, head = int(ckpt.meta.get("audit_seq", -1)), ckpt.meta.get("audit_head")
+    if not 1 <= seq <= len(entries) or entries[seq - 1]["hash"] != head:
+        raise CheckpointError(f"checkpoint {record.path} carries an audit head that is not in the chain")
 
 
 __all__ = ["DurableRun", "StoreError", "new_run_id", "AUDIT_FILE", "CHECKPOINT_DIR"]

@@ -38,6 +38,26 @@ def resolve_store_url(url: str = "") -> str:
     return chosen
 
 
+def has_password(url: str) -> bool:
+    """Whether a SQLAlchemy URL carries a password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).password is not None
+    except Exception:  # noqa: BLE001 - a malformed URL fails later, with its own message
+        return False
+
+
+def masked_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for messages and logs)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return "<unparseable store URL>"
+
+
 def run_config_hash(cfg: ExperimentConfig) -> str:
     """SHA-256 of the config without the volatile keys (a resume must match it)."""
     raw = cfg.to_dict()
@@ -62,6 +82,12 @@ def prepare_run(cfg: ExperimentConfig) -> ExperimentConfig:
     raw = cfg.to_dict()
     st = raw["store"]
     st["url"] = resolve_store_url(cfg.store.url)
+    if has_password(st["url"]):
+        # A password must not travel in the config: it is stored with the run, written to experiment.json
+        # and run_config.toml, and Flower hands the run config to every ClientApp. The ServerApp (same
+        # process, or a SuperLink child that inherits this environment) reads it from the environment.
+        os.environ[STORE_URL_ENV] = st["url"]
+        st["url"] = ""
     if cfg.store.audit_key:
         st["audit_key"] = str(Path(cfg.store.audit_key).expanduser().resolve())
     if cfg.store.resume:  # the run's own folder: its audit log, checkpoints and tables continue there

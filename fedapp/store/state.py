@@ -10,8 +10,11 @@ a different chain by accident. Flower's own ``FedAvgM`` keeps its momentum in
 ``momentum_vector``; it is saved here too.
 
 The round-level RNGs are saved as well: Flower's client sampling draws from
-Python's ``random`` module, and numpy's and torch's global generators are
-restored so a resumed run draws what the uninterrupted one would have.
+Python's ``random`` module and model code from torch's generator, restored so a
+resumed run draws what the uninterrupted one would have. numpy's global
+generator is deliberately *not* saved: Flower's central-DP wrapper draws its
+noise from it, and a saved state would let whoever reads a checkpoint predict
+the next round's noise (fedapp reseeds it from the OS before each noisy round).
 """
 
 from __future__ import annotations
@@ -69,12 +72,10 @@ def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Python's, numpy's and torch's global RNG states (client sampling, tie-breaking, init)."""
+    """Python's and torch's global RNG states (client sampling, tie-breaking); never numpy's (DP noise)."""
     version, internal, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     return {
         "python": [version, np.asarray(internal, dtype=np.uint64), gauss],
-        "numpy": [np_name, np_keys, int(np_pos), int(np_has_gauss), float(np_gauss)],
         "torch": torch.get_rng_state().numpy(),
     }
 
@@ -82,6 +83,4 @@ def rng_state() -> dict[str, Any]:
 def load_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((int(version), tuple(int(x) for x in internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(torch.from_numpy(np.asarray(state["torch"], dtype=np.uint8)))

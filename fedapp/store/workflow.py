@@ -8,6 +8,8 @@ when configured) and changes only the loop around them:
 * a fresh run initialises and evaluates the model as Flower does (round 0);
 * a resumed run puts the checkpoint's model in place instead and starts at
   round k+1, with the same round numbers (clients seed by round);
+* right after aggregation, before the new model leaves the server,
+  :meth:`DurableRun.released` logs the server accountants' spend;
 * after every round :meth:`DurableRun.round_done` audits, checkpoints and
   commits it before the next one starts.
 """
@@ -74,6 +76,7 @@ class DurableWorkflow(DefaultWorkflow):
             cfg[Key.CURRENT_ROUND] = current_round
             durable.round_started()
             self.fit_workflow(grid, context)
+            durable.released(current_round)  # before the new model leaves the server
             default_centralized_evaluation_workflow(grid, context)
             self.evaluate_workflow(grid, context)
             durable.round_done(current_round, _model(context), context.strategy)
