@@ -210,6 +210,30 @@ def runs_export(
         output.write_text(text)
 
 
+@runs_app.command("stop")
+def runs_stop(
+    run_id: str,
+    store: str = StoreOption,
+    reason: str = typer.Option("", "--reason", help="recorded in the audit log with who asked"),
+) -> None:
+    """Ask a running run to checkpoint and stop at its next round boundary (`fedapp resume` continues it)."""
+    import getpass
+
+    from fedapp.store.durable import STOP_FILE
+
+    db = _open_store(store)
+    record = _get_run(db, run_id)
+    db.close()
+    if record.status != "running":
+        fail(f"run {run_id} is {record.status}, not running; nothing to stop")
+    request = {"by": getpass.getuser(), "reason": reason, "time": time.time()}
+    target = Path(record.output_dir) / STOP_FILE
+    tmp = target.with_name(f".{STOP_FILE}.tmp")
+    tmp.write_text(json.dumps(request))
+    tmp.replace(target)
+    typer.echo(f"stop requested for run {run_id}: it checkpoints and stops after the round in progress")
+
+
 def _run_summary(r: Any) -> dict[str, Any]:
     return {
         "run_id": r.run_id, "name": r.name, "status": r.status, "last_round": r.last_round, "attempt": r.attempt,

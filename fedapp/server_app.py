@@ -109,7 +109,9 @@ def run_experiment(grid: Grid, context: Context, cfg: ExperimentConfig) -> dict:
             durable.finish("failed", error=f"{type(err).__name__}: {err}".splitlines()[0][:500])
         raise
     extra: dict[str, object] = {}
-    if durable is not None:
+    if durable is not None and durable.stopping:
+        durable.stop()
+    elif durable is not None:
         durable.finish("completed")
         extra = {"run_id": durable.run.run_id, "status": durable.status, "attempt": durable.attempt,
                  "output_dir": str(out), **({"error": durable.error} if durable.error else {})}

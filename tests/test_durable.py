@@ -403,3 +403,37 @@ def test_a_torn_last_line_is_set_aside_not_lost(tmp_path: Path) -> None:
     assert notes and notes[0]["fields"]["torn_tail"]["bytes"] == len('{"seq": 99, "kind": "aggreg')
     assert list((tmp_path / "run").glob("audit.jsonl.torn-*"))
     _crash(resumed)
+
+
+def test_operator_stop_checkpoints_records_the_admin_action_and_resumes(tmp_path: Path) -> None:
+    """`fedapp runs stop` between checkpoints: the round in progress ends with a checkpoint, status interrupted."""
+    from typer.testing import CliRunner
+
+    from fedapp.cli import app
+
+    cfg = _cfg(tmp_path, **{"store.checkpoint_every": 10})
+    durable, recorder = DurableRun.open(cfg)
+    strategy = _strategy(cfg, durable)
+    model = get_weights(new_model(cfg))
+    for r in range(0, 2):
+        recorder.record(r, fit_clients=3 if r else 0)
+        durable.round_done(r, model, strategy)
+    asked = CliRunner().invoke(app, ["runs", "stop", durable.run.run_id, "--store", cfg.store.url, "--reason", "maintenance"])
+    assert asked.exit_code == 0, asked.stderr
+    recorder.record(2, fit_clients=3)
+    recorder.client(2, "0", num_examples=1)
+    durable.round_done(2, model, strategy)
+    assert durable.stopping and durable.stopping["reason"] == "maintenance"
+    durable.stop()
+    store = RunStore(cfg.store.url)
+    run = store.get_run(durable.run.run_id)
+    assert run.status == "interrupted" and "maintenance" in (run.error or "")
+    assert store.latest_checkpoint(run.run_id).round == 2  # taken for the stop, although checkpoint_every=10
+    store.close()
+    actions = [e for e in read_jsonl(tmp_path / "run" / AUDIT_FILE) if e["kind"] == "admin_action"]
+    assert actions and actions[0]["fields"]["action"] == "stop" and actions[0]["fields"]["reason"] == "maintenance"
+    again = CliRunner().invoke(app, ["runs", "stop", durable.run.run_id, "--store", cfg.store.url])
+    assert again.exit_code == 2 and "not running" in again.stderr
+    resumed, _ = DurableRun.open(_cfg(tmp_path, **{"store.checkpoint_every": 10, "store.resume": durable.run.run_id}))
+    assert resumed.start_round == 2 and not (tmp_path / "run" / "STOP").exists()
+    _crash(resumed)

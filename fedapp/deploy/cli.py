@@ -66,7 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = submit_run(cfg, args.superlink, root_certificates=args.root_certificates)
         else:
             summary = run_in_processes(cfg, node_auth=args.node_auth)
-    except (ConfigError, LaunchError, OSError) as err:
+    except ConfigError as err:  # a user mistake: one line, exit 2 (as every fedapp entry point)
+        log(ERROR, "%s", err)
+        return 2
+    except (LaunchError, OSError) as err:
         log(ERROR, "%s", err)
         return 1
     print(json.dumps(summary, indent=2))

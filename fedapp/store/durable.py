@@ -29,6 +29,7 @@ the spend of an interrupted round that clients trained in stays spent.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -70,6 +71,7 @@ log = logging.getLogger("fedapp.store")
 AUDIT_FILE = "audit.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = "run.lock"
+STOP_FILE = "STOP"  # `fedapp runs stop` writes it; the run checkpoints and stops at the next round boundary
 SERVER_SOURCE = "server accountant"
 # (row key of the epsilon, row keys of the noise multiplier it was booked at)
 _SERVER_SPEND = (
@@ -130,6 +132,7 @@ class DurableRun:
         self.trained_rounds = int(checkpoint.meta.get("trained_rounds", 0)) if checkpoint else 0
         self.status, self.error = "running", None
         self.overhead_s: dict[int, float] = {}  # seconds spent at each round boundary (audit + checkpoint + commit)
+        self.stopping: dict[str, Any] | None = None
         self._lock: Any = None
         self._replay: list[dict[str, Any]] = []
         self._released: set[int] = set()
@@ -320,8 +323,9 @@ class DurableRun:
             self.trained_rounds += 1
         digest = model_digest(model)
         self.audit.extend(self._audit_items(server_round, lines, updates, row, digest, aggregated))
+        stop = self.stop_request()
         ckpt_record = None
-        if server_round % self.cfg.store.checkpoint_every == 0 or server_round == self.cfg.num_rounds:
+        if stop or server_round % self.cfg.store.checkpoint_every == 0 or server_round == self.cfg.num_rounds:
             ckpt_record = self._checkpoint(server_round, model, strategy)
         self.audit.sign_head()
         participants = sorted({u.client for u in updates})
@@ -342,6 +346,29 @@ class DurableRun:
         if ckpt_record is not None and committed:  # only once the store knows the new one: a crash before leaves the old one usable
             prune_checkpoints(self.checkpoint_dir, self.cfg.store.keep_checkpoints, protect=Path(ckpt_record.path))
         self.overhead_s[server_round] = time.perf_counter() - started
+        if stop and server_round < self.cfg.num_rounds:
+            self.stopping = stop
+
+    def stop_request(self) -> dict[str, Any] | None:
+        """The operator's request to stop (``fedapp runs stop``), if one is waiting in the output folder."""
+        path = self.output_dir / STOP_FILE
+        if not path.exists():
+            return None
+        try:
+            request = json.loads(path.read_text())
+        except (OSError, ValueError):
+            request = {}
+        return {"by": str(request.get("by", "unknown")), "reason": str(request.get("reason", "")),
+                "requested_at": request.get("time")}
+
+    def stop(self) -> None:
+        """End this attempt at the checkpoint just taken: an admin action in the chain, status interrupted."""
+        request = self.stopping or {}
+        self.audit.append("admin_action", None, action="stop", attempt=self.attempt, **request)
+        path = self.output_dir / STOP_FILE
+        if path.exists():
+            path.replace(self.output_dir / f"{STOP_FILE}.done-{int(time.time())}")
+        self.finish("interrupted", error=f"stopped by {request.get('by', 'an operator')}: {request.get('reason') or 'no reason given'}")
 
     def finish(self, status: str, error: str | None = None) -> None:
         """Record the end of the run (completed / failed) in the audit log and the store."""

@@ -80,6 +80,10 @@ class DurableWorkflow(DefaultWorkflow):
             default_centralized_evaluation_workflow(grid, context)
             self.evaluate_workflow(grid, context)
             durable.round_done(current_round, _model(context), context.strategy)
+            if durable.stopping:
+                log(INFO, "Stopped after round %s at the operator's request (checkpoint taken); "
+                    "`fedapp resume` continues", current_round)
+                break
         log(INFO, "Run finished %s round(s) in %.2fs", context.config.num_rounds - durable.start_round,
             timeit.default_timer() - cast(float, cfg[Key.START_TIME]))
 
