@@ -8,9 +8,10 @@ and the audit head must be recorded together or not at all
 queryable in one place.
 
 The schema is owned by the Alembic migrations in ``migrations/`` (written by
-hand; :data:`METADATA` describes the head revision and a test checks that the
-two agree). Opening a store upgrades its database to head, under a lock, so two
-processes opening a fresh database at once do not both create it.
+hand; :mod:`fedapp.store.schema` describes the head revision and a test checks
+that the two agree). Opening a store upgrades its database to head, under a
+lock (:mod:`fedapp.store.engine`), so two processes opening a fresh database at
+once do not both create it.
 
 Availability: every operation is retried on :class:`sqlalchemy.exc.OperationalError`
 (a locked SQLite file, a PostgreSQL server that is restarting) with exponential
@@ -20,24 +21,21 @@ with ``best_effort=True`` logs a write it could not make and lets the run go on.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, fields
-from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from alembic.util import CommandError
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import Connection, make_url
 
+# Re-exported: the store's one import point for its engine, schema and errors.
+from fedapp.store.engine import WRITE_OPTION, _upgrade, alembic_config, create_store_engine, migration_transaction
+from fedapp.store.errors import StoreError, UnknownRunError
+from fedapp.store.schema import CHECKPOINTS, CLIENT_UPDATES, EVENTS, METADATA, ROUNDS, RUNS
 from fedapp.store.records import (
     RUN_STATUSES,
     UPDATE_STATUSES,
@@ -49,237 +47,8 @@ from fedapp.store.records import (
 )
 
 LOGGER = logging.getLogger("fedapp.store")
-MIGRATIONS = Path(__file__).resolve().with_name("migrations")
 _T = TypeVar("_T")
 _R = TypeVar("_R")
-# Serialises schema upgrades across processes on PostgreSQL (any constant; "feda").
-_PG_MIGRATION_LOCK = 0x66656461
-# Alembic's `context` is a module-level proxy: two upgrades in two threads would share it.
-_ALEMBIC_LOCK = threading.Lock()
-_WRITE = "fedapp_write"
-
-
-class StoreError(RuntimeError):
-    """The run store could not do what was asked; one line that names the store (password masked)."""
-
-
-class UnknownRunError(StoreError):
-    """No run with that id in this store."""
-
-
-METADATA = sa.MetaData()
-
-
-def _status_check(column: str, allowed: tuple[str, ...], name: str) -> sa.CheckConstraint:
-    return sa.CheckConstraint(f"{column} IN ({', '.join(repr(s) for s in allowed)})", name=name)
-
-
-RUNS = sa.Table(
-    "runs",
-    METADATA,
-    sa.Column("run_id", sa.String(255), primary_key=True),
-    sa.Column("name", sa.String(255), nullable=False),
-    sa.Column("config", sa.JSON, nullable=False),
-    sa.Column("config_hash", sa.String(64), nullable=False),
-    sa.Column("code_version", sa.String(255), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("started_at", sa.Float, nullable=False),
-    sa.Column("ended_at", sa.Float),
-    sa.Column("error", sa.Text),
-    sa.Column("output_dir", sa.Text, nullable=False),
-    sa.Column("last_round", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("audit_head", sa.String(255), nullable=False, server_default=""),
-    sa.Column("audit_seq", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("attempt", sa.Integer, nullable=False, server_default="1"),
-    sa.PrimaryKeyConstraint("run_id", name="pk_runs"),
-    _status_check("status", RUN_STATUSES, "ck_runs_status"),
-)
-
-ROUNDS = sa.Table(
-    "rounds",
-    METADATA,
-    sa.Column("run_id", sa.String(255), nullable=False),
-    sa.Column("round", sa.Integer, nullable=False),
-    sa.Column("metrics", sa.JSON, nullable=False),
-    sa.Column("started_at", sa.Float, nullable=False),
-    sa.Column("ended_at", sa.Float, nullable=False),
-    sa.Column("participants", sa.JSON, nullable=False),
-    sa.Column("bytes_up", sa.BigInteger, nullable=False, server_default="0"),
-    sa.Column("bytes_down", sa.BigInteger, nullable=False, server_default="0"),
-    sa.Column("attempt", sa.Integer, nullable=False, server_default="1"),
-    sa.PrimaryKeyConstraint("run_id", "round", "attempt", name="pk_rounds"),
-    sa.ForeignKeyConstraint(["run_id"], ["runs.run_id"], name="fk_rounds_run_id_runs"),
-)
-
-CLIENT_UPDATES = sa.Table(
-    "client_updates",
-    METADATA,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("run_id", sa.String(255), nullable=False),
-    sa.Column("round", sa.Integer, nullable=False),
-    sa.Column("client", sa.String(255), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("reason", sa.Text, nullable=False, server_default=""),
-    sa.Column("num_examples", sa.Integer),
-    sa.Column("update_norm", sa.Float),
-    sa.Column("anomaly_score", sa.Float),
-    sa.Column("epsilon", sa.Float),
-    sa.Column("attempt", sa.Integer, nullable=False, server_default="1"),
-    sa.ForeignKeyConstraint(["run_id"], ["runs.run_id"], name="fk_client_updates_run_id_runs"),
-    sa.Index("ix_client_updates_run_id_round", "run_id", "round"),
-    _status_check("status", UPDATE_STATUSES, "ck_client_updates_status"),
-)
-
-CHECKPOINTS = sa.Table(
-    "checkpoints",
-    METADATA,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("run_id", sa.String(255), nullable=False),
-    sa.Column("round", sa.Integer, nullable=False),
-    sa.Column("path", sa.Text, nullable=False),
-    sa.Column("sha256", sa.String(64), nullable=False),
-    sa.Column("size_bytes", sa.BigInteger, nullable=False),
-    sa.Column("write_s", sa.Float, nullable=False),
-    sa.Column("audit_head", sa.String(255), nullable=False),
-    sa.Column("audit_seq", sa.Integer, nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("attempt", sa.Integer, nullable=False, server_default="1"),
-    sa.ForeignKeyConstraint(["run_id"], ["runs.run_id"], name="fk_checkpoints_run_id_runs"),
-    sa.Index("ix_checkpoints_run_id_round", "run_id", "round"),
-)
-
-EVENTS = sa.Table(
-    "events",
-    METADATA,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("run_id", sa.String(255), nullable=False),
-    sa.Column("round", sa.Integer, nullable=False),
-    sa.Column("kind", sa.String(64), nullable=False),
-    sa.Column("reason", sa.Text, nullable=False),
-    sa.Column("fields", sa.JSON, nullable=False),
-    sa.Column("time", sa.Float, nullable=False),
-    sa.ForeignKeyConstraint(["run_id"], ["runs.run_id"], name="fk_events_run_id_runs"),
-    sa.Index("ix_events_run_id", "run_id"),
-)
-
-
-def _json_safe(value: Any) -> Any:
-    """JSON that every backend accepts: PostgreSQL's JSON type refuses NaN and Infinity.
-
-    A diverged run reports a NaN loss; it must still be recorded, so non-finite
-    floats become the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``, and
-    numpy values (metrics often are) become Python ones.
-    """
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return value
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return _json_safe(value.tolist())
-    return value
-
-
-def _json_dumps(value: Any) -> str:
-    return json.dumps(_json_safe(value), allow_nan=False)
-
-
-def create_store_engine(url: str, *, timeout_s: float = 5.0) -> Engine:
-    """An engine set up for the store: durable SQLite, or PostgreSQL with bounded waits.
-
-    ``timeout_s`` bounds one try's wait for another writer's lock (SQLite busy
-    timeout, PostgreSQL ``lock_timeout``) and, on PostgreSQL, for the connection.
-    SQLite: the folder is created; WAL lets readers (a dashboard) read while a
-    run writes; ``synchronous=FULL`` syncs the WAL at each commit, so a committed
-    round survives a power cut, not only a crash (NORMAL would be enough for a
-    crash; a commit per round makes FULL's cost negligible); foreign keys are on
-    (SQLite's default is off). Transactions begin explicitly (the documented
-    pysqlite recipe) so that writes take the lock up front (``BEGIN IMMEDIATE``)
-    and wait for it under the busy timeout, instead of failing at once when a
-    read transaction cannot be upgraded.
-    """
-    parsed = make_url(url)
-    backend = parsed.get_backend_name()
-    options: dict[str, Any] = {"json_serializer": _json_dumps, "pool_pre_ping": True}
-    if backend == "postgresql":
-        options["connect_args"] = {
-            "connect_timeout": max(1, math.ceil(timeout_s)),
-            "options": f"-c lock_timeout={max(1, round(timeout_s * 1000))}",
-        }
-    if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(parsed, **options)
-    if backend == "sqlite":
-        busy_ms = max(1, round(timeout_s * 1000))
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
-            dbapi_connection.isolation_level = None  # SQLAlchemy's "begin" below decides
-            cursor = dbapi_connection.cursor()
-            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
-
-    return engine
-
-
-def alembic_config(url: str | None = None, *, connection: Connection | None = None) -> Config:
-    """An Alembic ``Config`` for the packaged migrations, without an ini file.
-
-    Give ``connection`` to migrate inside a transaction the caller holds (what
-    :class:`RunStore` does), or ``url`` for standalone use, e.g.
-    ``alembic.command.upgrade(alembic_config(url), "0001")`` or ``command.current``.
-    """
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    if url is not None:
-        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # configparser escapes
-    if connection is not None:
-        config.attributes["connection"] = connection
-    return config
-
-
-@contextmanager
-def migration_transaction(conn: Connection) -> Iterator[Connection]:
-    """One locked transaction for a schema upgrade, so concurrent openers take turns.
-
-    PostgreSQL: a transaction-scoped advisory lock; the second opener waits,
-    then sees the upgraded schema. SQLite: ``BEGIN IMMEDIATE``, with foreign keys
-    switched off first (SQLite's own procedure for changing a table: batch mode
-    drops and recreates tables, which foreign keys would cascade into or refuse)
-    and checked with ``PRAGMA foreign_key_check`` before the commit. The pragma
-    works only outside a transaction, hence on the raw connection, which is
-    discarded afterwards rather than returned to the pool with foreign keys off.
-    """
-    sqlite = conn.dialect.name == "sqlite"
-    if sqlite:
-        conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
-    try:
-        conn.execution_options(**{_WRITE: True})
-        with conn.begin():
-            if conn.dialect.name == "postgresql":
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
-            yield conn
-            if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
-                where = conn.engine.url.render_as_string(hide_password=True)
-                raise StoreError(f"run store at {where}: schema upgrade left rows whose run is missing; rolled back")
-    finally:
-        if sqlite:
-            conn.invalidate()
-
-
-def _upgrade(conn: Connection) -> None:
-    with _ALEMBIC_LOCK, migration_transaction(conn):
-        command.upgrade(alembic_config(connection=conn), "head")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -562,7 +331,7 @@ class RunStore:
     def _transaction(self, work: Callable[[Connection], _T], *, write: bool) -> _T:
         with self._engine.connect() as conn:
             if write:
-                conn.execution_options(**{_WRITE: True})
+                conn.execution_options(**{WRITE_OPTION: True})
             with conn.begin():
                 return work(conn)
 
@@ -670,3 +439,9 @@ def _check_round_parts(
         _check_same("event run_id", e.run_id, run_id)
     if checkpoint is not None:
         _check_same("checkpoint (run_id, round)", (checkpoint.run_id, checkpoint.round), (run_id, round_.round))
+
+
+__all__ = [
+    "METADATA", "RunStore", "StoreError", "UnknownRunError", "alembic_config", "create_store_engine",
+    "effective_rounds", "migration_transaction",
+]

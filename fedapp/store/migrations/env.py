@@ -13,7 +13,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from fedapp.store.db import METADATA, create_store_engine, migration_transaction
+from fedapp.store.engine import create_store_engine, migration_transaction
+from fedapp.store.schema import METADATA
 
 config = context.config
 
