@@ -32,8 +32,8 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def run_in_simulation(cfg: ExperimentConfig) -> dict[str, Any]:
     """Train ``cfg`` with ``partition.num_clients`` virtual SuperNodes; return the summary."""
-    check_experiment(cfg)  # fail on bad config or missing data before Ray starts
-    cfg = prepare_run(cfg)
+    cfg = prepare_run(cfg)  # an unknown run to resume or an unreachable store fails first, in one line
+    check_experiment(cfg)  # bad config or missing data fail before Ray starts
     from flwr.simulation import run_simulation
 
     from fedapp.client_app import make_client_app
