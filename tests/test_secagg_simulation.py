@@ -11,7 +11,9 @@ from fedapp.config import ExperimentConfig
 from fedapp.keys import main as keys_main
 from fedapp.simulation import run_in_simulation
 
-pytestmark = pytest.mark.slow
+# Heavy: Paillier end to end runs by default under threshold keys (test_dp_fedsgd) and SecAgg+ under
+# DP-FedSGD (test_dp_fedsgd_secaggplus); these two (legacy single key with pools, plain SecAgg+) run with -m heavy.
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 def test_paillier_fedavg_learns_like_plain_fedavg_using_the_offline_obfuscator_pools(

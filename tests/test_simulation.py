@@ -35,6 +35,7 @@ def test_simulation_accuracy_improves_and_outputs_are_complete(tiny_experiment: 
         assert (out / name).stat().st_size > 0
 
 
+@pytest.mark.heavy  # the CIFAR-10 model and data path; the MNIST path runs by default
 def test_cifar10_path_runs_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
     cfg = ExperimentConfig.from_dict(
         {
