@@ -296,8 +296,14 @@ class DurableRun:
         evaluation and in the next round's instructions, so a crash after this
         point has released it. A resume books these entries again (see ``_resume``).
         """
-        row = self.recorder.rows.get(server_round, {})
-        items = []
+        items = self._server_spend(server_round, self.recorder.rows.get(server_round, {}))
+        if items:
+            self.audit.extend(items)
+        self._released.add(server_round)
+
+    def _server_spend(self, server_round: int, row: dict[str, Any]) -> list[tuple[str, int | None, dict[str, Any]]]:
+        """One ``privacy_spend`` entry per server accountant that booked ``server_round`` (with its noise, for a replay)."""
+        items: list[tuple[str, int | None, dict[str, Any]]] = []
         for scope, noise_keys in _SERVER_SPEND:
             if row.get(scope) is None:
                 continue
@@ -306,9 +312,7 @@ class DurableRun:
                 "scope": scope, "epsilon": row[scope], "noise_multiplier": noise, "source": SERVER_SOURCE,
                 "attempt": self.attempt,
             }))
-        if items:
-            self.audit.extend(items)
-        self._released.add(server_round)
+        return items
 
     def round_done(self, server_round: int, model: list[np.ndarray], strategy: Strategy) -> None:
         """Audit, checkpoint and commit one finished round (see the module docstring for the order)."""
@@ -445,12 +449,7 @@ class DurableRun:
                 fields = {k: v for k, v in e.items() if k not in ("line", "kind", "round", "time")}
                 items.append((mapped[0], server_round, {"event": e["kind"], **fields, "attempt": self.attempt}))
         if server_round not in self._released:  # a caller that skipped released(): log the spend now
-            for scope, noise_keys in _SERVER_SPEND:
-                if row.get(scope) is not None:
-                    noise = next((row[k] for k in noise_keys if row.get(k) is not None), None)
-                    items.append(("privacy_spend", server_round, {
-                        "scope": scope, "epsilon": row[scope], "noise_multiplier": noise, "source": SERVER_SOURCE,
-                        "attempt": self.attempt}))
+            items += self._server_spend(server_round, row)
         items.append((
             "aggregation", server_round,
             {
