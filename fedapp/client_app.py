@@ -46,6 +46,8 @@ from fedapp.crypto.protocol import (
     threshold_partial_decrypt,
 )
 from fedapp.datasets import dataset_spec
+from fedapp.faults.mod import make_faults_mod
+from fedapp.rounds.outcomes import ClientError
 from fedapp.dp_fedsgd import SharedNoisePlan, noisy_gradient_step, plan_shared_noise
 from fedapp.node_policy import pin_to_node
 from fedapp.release import make_release_mod
@@ -513,8 +515,17 @@ def make_client_app(cfg: ExperimentConfig | None = None) -> ClientApp:
             )
         return secaggplus_mod(msg, context, call_next)
 
-    # Innermost last: the release surface filters the client's own reply before SecAgg+ masks it.
-    return ClientApp(client_fn=client_fn, mods=[secagg_mod, make_release_mod(experiment_of)])
+    def label_errors_mod(msg: Message, context: Context, call_next: NextHandler) -> Message:
+        """Tag a ClientApp error with the partition, so the server's failure line names the client."""
+        try:
+            return call_next(msg, context)
+        except Exception as ex:
+            who = context.node_config.get("partition-id", "?")
+            raise ClientError(f"[client {who}] {type(ex).__name__}: {ex}") from ex
+
+    # Outermost first: errors get the client's tag; injected faults act on the wire-level reply; the release surface filters the
+    # client's own reply before SecAgg+ masks it.
+    return ClientApp(client_fn=client_fn, mods=[label_errors_mod, make_faults_mod(experiment_of), secagg_mod, make_release_mod(experiment_of)])
 
 
 app = make_client_app()

@@ -84,6 +84,13 @@ class StrategyConfig:
     ``num_malicious`` is the number of Byzantine clients the robust rules assume;
     ``num_clients_to_keep`` is Multi-Krum's m; ``beta`` is the trimmed-mean cut per side;
     ``server_lr`` / ``server_momentum`` are FedAvgM's (Hsu et al. 2019).
+
+    Faults (:mod:`fedapp.rounds`): ``round_timeout_s`` is the deadline of a fit
+    round (0 = wait for every reply); replies after it are dropped and counted.
+    A round with fewer successful updates than ``min_fit_clients`` is a failed
+    round; more than ``max_failed_rounds`` of them fail the run. When fewer than
+    ``min_available_clients`` nodes are connected, the server waits up to
+    ``node_wait_s`` seconds for nodes to (re)connect, then fails the run.
     """
 
     name: str = "fedavg"
@@ -97,6 +104,9 @@ class StrategyConfig:
     beta: float = 0.2
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    round_timeout_s: float = 0.0
+    max_failed_rounds: int = 0
+    node_wait_s: float = 300.0
 
 
 @dataclass
@@ -329,6 +339,53 @@ class StoreConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Checks every plain update passes before aggregation (:mod:`fedapp.validation`).
+
+    Shapes, dtype, finiteness and counts are always checked. The norm checks need
+    no knowledge of any attack: ``max_update_norm`` bounds the L2 norm of
+    ``update - global model`` absolutely (0 = off), and ``relative_norm_bound``
+    bounds it at that many times the round's median update norm (lower median,
+    so that one of two clients cannot drag the reference up; 0 = off).
+    ``replay_check`` refuses an update identical to one the same client sent
+    before. Where secure aggregation hides single updates the server cannot
+    check them; there the clients' own clip applies.
+    """
+
+    max_update_norm: float = 1000.0
+    relative_norm_bound: float = 10.0
+    replay_check: bool = True
+
+
+@dataclass
+class FaultsConfig:
+    """Faults injected on purpose (:mod:`fedapp.faults`), to see what a run does with them.
+
+    ``kind``: ``none``, ``crash`` (the client raises), ``exit`` (the ClientApp
+    process exits), ``hang`` (never replies before the deadline), ``straggler``
+    (trains ``slowdown`` times slower), ``drop`` (trains, then the connection
+    drops before the reply), ``malformed`` (a broken update: ``malformation`` is
+    ``nan``, ``inf``, ``shape``, ``count``, ``dtype`` or ``norm``) or ``replay``
+    (sends its previous round's update again). Affected clients: ``clients``
+    (partition ids, e.g. ``"0,3"``) in every listed round, or else each client
+    with probability ``fraction`` per round, drawn with ``seed``; ``rounds``
+    limits the rounds (e.g. ``"2,3"``; empty: all). ``node_schedule`` (processes
+    mode) kills and restarts SuperNodes, e.g. ``"kill 1 @2, restart 1 @5"``:
+    partition 1's node is killed when round 2 starts and restarted when round 5 starts.
+    """
+
+    kind: str = "none"
+    fraction: float = 0.0
+    clients: str = ""
+    rounds: str = ""
+    seed: int = 0
+    malformation: str = "nan"
+    slowdown: float = 10.0
+    hang_s: float = 600.0
+    node_schedule: str = ""
+
+
+@dataclass
 class ExperimentConfig:
     """One federated experiment, as every fedapp component receives it."""
 
@@ -346,6 +403,8 @@ class ExperimentConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "ExperimentConfig":

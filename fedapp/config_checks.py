@@ -99,6 +99,36 @@ def validate_experiment(cfg: ExperimentConfig) -> None:
     _validate_shared_noise_dp(cfg.privacy.client, cfg.secagg, c)
     _validate_shared_noise_secaggplus(cfg)
     _validate_robustness(cfg.attack, cfg.defense, p.num_clients)
+    _validate_faults(cfg)
+
+
+def _validate_faults(cfg: ExperimentConfig) -> None:
+    """Deadlines, failure tolerance, update-norm bounds and injected faults."""
+    from fedapp.faults.plan import validate_faults
+
+    s, v = cfg.strategy, cfg.validation
+    if s.round_timeout_s < 0:
+        raise ConfigError(f"strategy.round_timeout_s must be >= 0 (0 = no deadline), got {s.round_timeout_s}")
+    if s.max_failed_rounds < 0:
+        raise ConfigError(f"strategy.max_failed_rounds must be >= 0, got {s.max_failed_rounds}")
+    if s.node_wait_s < 0:
+        raise ConfigError(f"strategy.node_wait_s must be >= 0, got {s.node_wait_s}")
+    if v.max_update_norm < 0 or v.relative_norm_bound < 0:
+        raise ConfigError(
+            f"validation.max_update_norm and validation.relative_norm_bound must be >= 0 (0 = off), "
+            f"got {v.max_update_norm}, {v.relative_norm_bound}"
+        )
+    if 0 < v.relative_norm_bound <= 1:
+        raise ConfigError(
+            f"validation.relative_norm_bound={v.relative_norm_bound} would refuse half of the honest updates "
+            "(it multiplies the round's median norm); use a factor > 1, e.g. 10, or 0 to turn it off"
+        )
+    validate_faults(cfg.faults, cfg.partition.num_clients, cfg.num_rounds)
+    if cfg.runtime.mode == "simulation" and (cfg.faults.kind == "exit" or cfg.faults.node_schedule):
+        raise ConfigError(
+            "faults.kind=exit and faults.node_schedule kill processes: in the simulation engine a ClientApp "
+            "runs in a Ray worker shared by many clients; use runtime.mode=processes (or faults.kind=crash)"
+        )
 
 
 def _validate_robustness(a: AttackConfig, d: DefenseConfig, num_clients: int) -> None:

@@ -236,7 +236,8 @@ class ClientExclusion(StrategyWrapper):
         if self.recorder and len(kept) < len(results):
             self.recorder.record(server_round, fit_declined=len(results) - len(kept))
         if not kept:
-            log(WARNING, "Round %s: every sampled client declined; keeping the current model", server_round)
+            if results:  # replies that failed or never came are the failure accounting's (fedapp.rounds)
+                log(WARNING, "Round %s: every client that replied declined; keeping the current model", server_round)
             return None, {}
         return super().aggregate_fit(server_round, kept, failures)
 

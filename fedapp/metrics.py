@@ -16,7 +16,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 class RunRecorder:
@@ -34,6 +34,7 @@ class RunRecorder:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.rows: dict[int, dict[str, Any]] = {}
         self.pending: list[dict[str, Any]] = []
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # called with every event as it is recorded
         self._round_started: dict[int, float] = {}
         if not resume:
             for name in ("clients.jsonl", "events.jsonl", "scores.jsonl"):
@@ -71,12 +72,11 @@ class RunRecorder:
         self._append("scores.jsonl", {"round": server_round, "client": client, **fields}, line="score")
 
     def event(self, kind: str, server_round: int, reason: str, **fields: Any) -> None:
-        """Append one decision with the reason it was taken."""
-        self._append(
-            "events.jsonl",
-            {"time": time.time(), "round": server_round, "kind": kind, "reason": reason, **fields},
-            line="event",
-        )
+        """Append one decision with the reason it was taken (and tell the listeners)."""
+        record = {"time": time.time(), "round": server_round, "kind": kind, "reason": reason, **fields}
+        self._append("events.jsonl", record, line="event")
+        for listener in self.listeners:
+            listener(record)
 
     def table(self) -> list[dict[str, Any]]:
         """Round rows in order."""

@@ -18,7 +18,7 @@ are refused at start-up (:func:`fedapp.strategies.check_strategy_config`).
 from __future__ import annotations
 
 import json
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 from flwr.common import Context, NDArrays, Scalar, log
@@ -27,10 +27,13 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from fedapp.attacks import malicious_clients
 from fedapp.components import check_experiment, new_model, test_data
-from fedapp.config import ExperimentConfig
+from fedapp.config import ConfigError, ExperimentConfig
 from fedapp.metrics import RunRecorder
 from fedapp.release import release_surface
 from fedapp.report import format_table, write_report
+from fedapp.rounds.outcomes import RunFailed, one_line
+from fedapp.rounds.progress import RoundProgress
+from fedapp.rounds.workflow import FitRound
 from fedapp.runconfig import experiment_from_run_config
 from fedapp.store.db import StoreError
 from fedapp.store.durable import DurableRun
@@ -102,11 +105,16 @@ def run_experiment(grid: Grid, context: Context, cfg: ExperimentConfig) -> dict:
     if durable is None:
         recorder = RunRecorder(cfg.runtime.output_dir)
     out = Path(cfg.runtime.output_dir)
+    progress = RoundProgress(out, cfg.num_rounds, resume=durable is not None and durable.start_round > 0)
     try:
-        rows = _train(grid, context, cfg, recorder, durable, out)
+        rows = _train(grid, context, cfg, recorder, durable, progress)
     except BaseException as err:
+        line = str(err).splitlines()[0][:500] if isinstance(err, RunFailed) else one_line(f"{type(err).__name__}: {err}")
         if durable is not None:
-            durable.finish("failed", error=f"{type(err).__name__}: {err}".splitlines()[0][:500])
+            durable.finish("failed", error=line)
+        recorder.event("run_failed", 0, line)
+        progress.end_run("failed", f"run failed: {line}")
+        log(ERROR, "Run failed: %s", line)
         raise
     extra: dict[str, object] = {}
     if durable is not None and durable.stopping:
@@ -116,14 +124,19 @@ def run_experiment(grid: Grid, context: Context, cfg: ExperimentConfig) -> dict:
         extra = {"run_id": durable.run.run_id, "status": durable.status, "attempt": durable.attempt,
                  "output_dir": str(out), **({"error": durable.error} if durable.error else {})}
     summary = write_report(rows, out, title=cfg.name, extra=extra)
+    progress.end_run(str(extra.get("status", "completed")), f"run {extra.get('status', 'completed')}; outputs in {out}")
     log(INFO, "Experiment %s finished; outputs in %s\n%s", cfg.name, out, format_table(rows))
+    if extra.get("status") == "failed":  # e.g. no round aggregated an update: never "completed"
+        raise RunFailed(f"run {extra.get('run_id')}: {extra.get('error')}")
     return summary
 
 
 def _train(
-    grid: Grid, context: Context, cfg: ExperimentConfig, recorder: RunRecorder, durable: DurableRun | None, out: Path
+    grid: Grid, context: Context, cfg: ExperimentConfig, recorder: RunRecorder, durable: DurableRun | None,
+    progress: RoundProgress,
 ) -> list[dict]:
     """Build the strategy and run the rounds; the round rows."""
+    out = Path(cfg.runtime.output_dir)
     (out / "experiment.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     attackers = malicious_clients(cfg.attack, cfg.partition.num_clients)
     if attackers and (durable is None or durable.start_round == 0):  # evaluation only; no server decision reads it
@@ -131,19 +144,25 @@ def _train(
             "attack_ground_truth", 0, f"simulated {cfg.attack.name} attackers (evaluation only)",
             attack=cfg.attack.name, malicious=[str(pid) for pid in attackers],
         )
+    fit_round = FitRound(
+        cfg, recorder, progress, inner=secaggplus_workflow(cfg) if cfg.secagg.method == "secaggplus" else None
+    )
     strategy = build_strategy(
         cfg,
         initial_parameters=get_weights(new_model(cfg)),
         evaluate_fn=centralized_evaluator(cfg),
         recorder=recorder,
         on_fit_config_fn=fit_config,
+        rounds=fit_round,
     )
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy)
-    fit_workflow = secaggplus_workflow(cfg) if cfg.secagg.method == "secaggplus" else None
     if cfg.secagg.method != "none" and (durable is None or durable.start_round == 0):
         recorder.event("secure_aggregation", 0, f"fit rounds use {cfg.secagg.method}", method=cfg.secagg.method)
-    workflow = DefaultWorkflow(fit_workflow=fit_workflow) if durable is None else DurableWorkflow(durable, fit_workflow=fit_workflow)
-    workflow(TrafficMeter(grid, recorder), legacy)
+    workflow = DefaultWorkflow(fit_workflow=fit_round) if durable is None else DurableWorkflow(durable, fit_workflow=fit_round)
+    try:
+        workflow(TrafficMeter(grid, recorder), legacy)
+    finally:
+        progress.close()
     return recorder.table()
 
 
@@ -153,7 +172,15 @@ def make_server_app(cfg: ExperimentConfig | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        experiment = cfg if cfg is not None else experiment_from_run_config(context.run_config)
+        if cfg is not None:
+            experiment = cfg
+        else:
+            try:  # a user's mistake in the run config: one line, before any round (flwr ls shows it)
+                experiment = experiment_from_run_config(context.run_config)
+                check_experiment(experiment)
+            except ConfigError as err:
+                log(ERROR, "Run config refused: %s", err)
+                raise RunFailed(f"run config refused: {err}") from None
         run_experiment(grid, context, experiment)
 
     return app

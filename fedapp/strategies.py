@@ -8,8 +8,9 @@ Base aggregation rules are Flower's own (``FedAvg``, ``Krum``, ``FedTrimmedAvg``
 
 from __future__ import annotations
 
+import dataclasses
 from logging import WARNING
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from flwr.common import NDArrays, Scalar, log, ndarrays_to_parameters
 from flwr.server.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg, Krum, Strategy
@@ -21,7 +22,11 @@ from fedapp.exclusion import ClientExclusion, ExclusionList
 from fedapp.metrics import RunRecorder
 from fedapp.robustness import AnomalyQuarantine
 from fedapp.server_momentum import ServerMomentum
-from fedapp.wrappers import MetricsRecording, UpdateValidation
+from fedapp.validation import UpdateValidation
+from fedapp.wrappers import MetricsRecording
+
+if TYPE_CHECKING:
+    from fedapp.rounds.workflow import FitRound
 
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
 
@@ -142,6 +147,7 @@ def build_strategy(
     evaluate_fn: EvaluateFn | None,
     recorder: RunRecorder,
     on_fit_config_fn: Callable[[int], dict[str, Scalar]] | None = None,
+    rounds: FitRound | None = None,
 ) -> Strategy:
     """Base rule from ``strategy.name``, wrapped with privacy, validation, exclusion and recording.
 
@@ -201,13 +207,18 @@ def build_strategy(
                 strategy, server_lr=cfg.strategy.server_lr, momentum=cfg.strategy.server_momentum
             )
     else:
-        strategy = UpdateValidation(strategy, recorder)
+        # SecAgg+ hands every client the same unmasked mean: single updates cannot be checked
+        # (their clients' own clip bounds them), only the mean's shapes and finiteness.
+        settings = cfg.validation if cfg.secagg.method == "none" else dataclasses.replace(
+            cfg.validation, max_update_norm=0.0, relative_norm_bound=0.0, replay_check=False
+        )
+        strategy = UpdateValidation(strategy, recorder, settings)
     if cfg.privacy.client.enabled:
         strategy = ClientEpsilonRecording(strategy, recorder)
     strategy = ClientExclusion(
         strategy, min_fit_clients=cfg.strategy.min_fit_clients, recorder=recorder, excluded=excluded
     )
-    return MetricsRecording(strategy, recorder)
+    return MetricsRecording(strategy, recorder, rounds)
 
 
 def _paillier(cfg: ExperimentConfig, strategy: Strategy) -> Strategy:

@@ -9,6 +9,7 @@ touching Flower's round loop.
 from __future__ import annotations
 
 from logging import INFO, WARNING
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.common import (
@@ -27,6 +28,9 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedapp.metrics import RunRecorder
+
+if TYPE_CHECKING:
+    from fedapp.rounds.workflow import FitRound
 
 CLIENT_ID_KEY = "partition_id"  # clients report their partition id under this metrics key
 # A client that will not train this round replies with the unchanged parameters and
@@ -80,25 +84,6 @@ class StrategyWrapper(Strategy):
         return self.strategy.evaluate(server_round, parameters)
 
 
-class MalformedUpdateError(ValueError):
-    """A client's update cannot be aggregated; the message says why."""
-
-
-def check_update(arrays: list[np.ndarray], expected: list[tuple[int, ...]], num_examples: int) -> None:
-    """Raise :class:`MalformedUpdateError` unless ``arrays`` fit the global model."""
-    if len(arrays) != len(expected):
-        raise MalformedUpdateError(f"expected {len(expected)} arrays, got {len(arrays)}")
-    for i, (arr, shape) in enumerate(zip(arrays, expected)):
-        if tuple(arr.shape) != tuple(shape):
-            raise MalformedUpdateError(f"array {i} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
-        if not np.issubdtype(arr.dtype, np.number):
-            raise MalformedUpdateError(f"array {i} has non-numeric dtype {arr.dtype}")
-        if not np.all(np.isfinite(arr)):
-            raise MalformedUpdateError(f"array {i} contains NaN or Inf")
-    if num_examples <= 0:
-        raise MalformedUpdateError(f"num_examples must be > 0, got {num_examples}")
-
-
 def update_norm(weights: NDArrays, reference: NDArrays) -> float | None:
     """L2 norm of ``weights - reference``; None when the reply is not a plain model (ciphertexts, declines)."""
     if not reference or len(weights) != len(reference) or any(w.shape != r.shape for w, r in zip(weights, reference)):
@@ -123,53 +108,13 @@ def client_label(proxy: ClientProxy, res: FitRes | EvaluateRes | None = None) ->
     return f"node-{proxy.cid}"
 
 
-class UpdateValidation(StrategyWrapper):
-    """Drop updates with wrong array count, wrong shapes, NaN/Inf or no examples.
-
-    A rejected update becomes a failure with its reason (logged and recorded);
-    the remaining updates are aggregated, so one broken client loses nothing
-    of the others' work.
-    """
-
-    def __init__(self, strategy: Strategy, recorder: RunRecorder | None = None) -> None:
-        super().__init__(strategy)
-        self.recorder = recorder
-        self._expected: list[tuple[int, ...]] = []
-
-    def configure_fit(
-        self, server_round: int, parameters: Parameters, client_manager: ClientManager
-    ) -> list[tuple[ClientProxy, FitIns]]:
-        self._expected = [a.shape for a in parameters_to_ndarrays(parameters)]
-        return super().configure_fit(server_round, parameters, client_manager)
-
-    def aggregate_fit(
-        self, server_round: int, results: FitResults, failures: Failures
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        accepted: FitResults = []
-        failures = list(failures)
-        for proxy, res in results:
-            try:
-                check_update(parameters_to_ndarrays(res.parameters), self._expected, res.num_examples)
-            except (MalformedUpdateError, ValueError) as err:
-                who = client_label(proxy, res)
-                log(WARNING, "Round %s: rejected update from client %s: %s", server_round, who, err)
-                if self.recorder:
-                    self.recorder.event("update_rejected", server_round, str(err), client=who)
-                failures.append(MalformedUpdateError(f"client {who}: {err}"))
-                continue
-            accepted.append((proxy, res))
-        if not accepted:
-            log(WARNING, "Round %s: no valid update to aggregate; keeping the current model", server_round)
-            return None, {}
-        return super().aggregate_fit(server_round, accepted, failures)
-
-
 class MetricsRecording(StrategyWrapper):
     """Record round metrics, per-client reports and failures; log one line per round."""
 
-    def __init__(self, strategy: Strategy, recorder: RunRecorder) -> None:
+    def __init__(self, strategy: Strategy, recorder: RunRecorder, rounds: "FitRound | None" = None) -> None:
         super().__init__(strategy)
         self.recorder = recorder
+        self.rounds = rounds  # the fit step's accounting: the round line names what became of every client
         self._global: NDArrays = []
 
     def configure_fit(
@@ -193,11 +138,16 @@ class MetricsRecording(StrategyWrapper):
             self.recorder.client(
                 server_round, client_label(proxy, res), **reported, num_examples=res.num_examples, **extra
             )
-        for failure in failures:
-            reason = failure if isinstance(failure, BaseException) else failure[1].status.message
-            self.recorder.event("fit_failure", server_round, str(reason))
+        if self.rounds is not None:
+            self.rounds.note_results(server_round, results, failures)
+        else:
+            for failure in failures:
+                reason = failure if isinstance(failure, BaseException) else failure[1].status.message
+                self.recorder.event("fit_failure", server_round, str(reason))
         params, metrics = super().aggregate_fit(server_round, results, failures)
-        self.recorder.record(server_round, fit_clients=len(results), fit_failures=len(failures), **metrics)
+        self.recorder.record(server_round, fit_clients=len(results), **metrics)
+        if self.rounds is None:
+            self.recorder.record(server_round, fit_failures=len(failures))
         return params, metrics
 
     def aggregate_evaluate(
@@ -218,6 +168,12 @@ class MetricsRecording(StrategyWrapper):
         if result is not None:
             loss, metrics = result
             self.recorder.record(server_round, test_loss=loss, **metrics)
+        if self.rounds is not None:
+            if server_round > 0:
+                self.rounds.end_round(server_round)
+            return result
+        if result is not None:
+            loss, metrics = result
             row = self.recorder.rows[server_round]
             log(
                 INFO,

@@ -11,7 +11,7 @@ from flwr.server.strategy import FedAvg
 
 from fedapp.exclusion import ClientExclusion, Exclusion, ExclusionList, ExcludingClientManager
 from fedapp.metrics import RunRecorder, read_jsonl
-from fedapp.wrappers import UpdateValidation
+from fedapp.validation import UpdateValidation
 
 OK = Status(code=Code.OK, message="")
 START = [np.zeros(2, dtype=np.float32)]

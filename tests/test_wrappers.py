@@ -13,7 +13,7 @@ from flwr.server.strategy import FedAvg
 
 from fedapp.metrics import RunRecorder
 from fedapp.strategies import _weighted_mean
-from fedapp.wrappers import MalformedUpdateError, UpdateValidation, check_update
+from fedapp.validation import MalformedUpdateError, UpdateValidation, check_update
 
 SHAPES = [(2, 2), (3,)]
 OK = Status(code=Code.OK, message="")
