@@ -14,7 +14,7 @@ import subprocess
 import time
 from logging import WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import tomli_w
 from flwr.common import log
@@ -52,24 +52,46 @@ def register_node(env: dict[str, str], public_key: Path, logs: Path) -> None:
 
 
 def run_to_completion(
-    launch: Launch, env: dict[str, str], app_dir: Path, run_config: Path, logs: Path, deadline: float
+    launch: Launch, env: dict[str, str], app_dir: Path, run_config: Path, logs: Path, deadline: float,
+    tick: Callable[[], None] | None = None,
 ) -> tuple[str, str]:
-    """``flwr run --stream``, then insist on ``finished:completed`` (it exits 0 on failure)."""
+    """``flwr run --stream``, then insist on ``finished:completed`` (it exits 0 on failure).
+
+    ``tick`` is called about twice a second while the run goes (the launcher's live
+    progress and node faults, :mod:`fedapp.deploy.watch`), and once more at the end.
+    """
     run_proc = start(launch, "flwr-run", logs, env, [
         executable("flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--stream",
     ])  # fmt: skip
     try:
-        wait_for(launch, run_proc, deadline)
+        wait_for(launch, run_proc, deadline, tick)
         status, run_id = _final_status(env, deadline, _started_run_id(run_proc))
+        if tick is not None:
+            tick()
     except LaunchError:
         _stop_run(env, _started_run_id(run_proc))  # a shared SuperLink would go on running it
         raise
     if status != STATUS_COMPLETED:
+        reason = _failure_details(env, run_id)
         raise LaunchError(
-            f"run {run_id} ended with status {status!r} (expected {STATUS_COMPLETED!r}); "
+            f"run {run_id} ended with status {status!r}{f': {reason}' if reason else ''}; "
             f"logs in {logs}. Last lines of the run's log:\n{tail(run_proc.log_path)}"
         )
     return status, run_id
+
+
+def _failure_details(env: dict[str, str], run_id: str | None) -> str:
+    """The one line the ServerApp failed with, as the SuperLink recorded it (``flwr ls --run-id``)."""
+    if run_id is None:
+        return ""
+    try:
+        result = subprocess.run([executable("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
+                                env=env, capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+        runs = json.loads(result.stdout).get("runs", [])
+    except (subprocess.TimeoutExpired, json.JSONDecodeError, OSError):
+        return ""
+    details = next((str(r.get("details") or r.get("status-details") or "") for r in runs), "")
+    return details.replace("ServerApp failed with exception: ", "").splitlines()[0] if details else ""
 
 
 def _started_run_id(run_proc: Proc) -> str | None:

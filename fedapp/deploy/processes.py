@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from logging import ERROR, WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from flwr.common import log
 
@@ -39,6 +39,8 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log_path: Path
+    expected_exit: bool = False  # killed on purpose (faults.node_schedule)
+    reported: bool = False  # its exit has been logged
 
 
 @dataclass
@@ -94,10 +96,12 @@ def free_ports(preferred: int, count: int) -> list[int]:
             sock.close()
 
 
-def start(launch: Launch, name: str, logs: Path, env: dict[str, str], command: list[str]) -> Proc:
-    """Start ``command`` in its own process group, output to ``logs/<name>.log``."""
+def start(
+    launch: Launch, name: str, logs: Path, env: dict[str, str], command: list[str], *, append: bool = False
+) -> Proc:
+    """Start ``command`` in its own process group, output to ``logs/<name>.log`` (``append``: a restart)."""
     log_path = logs / f"{name}.log"
-    handle = log_path.open("wb")
+    handle = log_path.open("ab" if append else "wb")
     launch.log_files.append(handle)
     popen = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     proc = Proc(name, popen, log_path)
@@ -123,20 +127,33 @@ def wait_until_healthy(launch: Launch, address: str, ca_cert: Path | None, deadl
     raise LaunchError(f"the SuperLink did not answer on {address} in time; see {launch.procs[0].log_path}")
 
 
-def check_alive(launch: Launch) -> None:
-    """Raise when a server process (SuperLink, SuperNode) has exited."""
+def check_alive(launch: Launch, *, nodes_may_die: bool = False) -> None:
+    """Raise when the SuperLink (or, before the run, a SuperNode) has exited.
+
+    Once the run is going (``nodes_may_die``) a SuperNode that exits is a lost
+    node: it is logged and the ServerApp's deadlines and node accounting decide
+    whether the run can go on without it.
+    """
     for proc in launch.procs:
-        if proc.name != "flwr-run" and proc.popen.poll() is not None:
-            raise LaunchError(
-                f"{proc.name} exited with code {proc.popen.returncode}; last lines of "
-                f"{proc.log_path}:\n{tail(proc.log_path)}"
-            )
+        if proc.name == "flwr-run" or proc.popen.poll() is None:
+            continue
+        if nodes_may_die and proc.name.startswith("supernode"):
+            from fedapp.deploy.watch import report_node_exit
+
+            report_node_exit(proc)
+            continue
+        raise LaunchError(
+            f"{proc.name} exited with code {proc.popen.returncode}; last lines of "
+            f"{proc.log_path}:\n{tail(proc.log_path)}"
+        )
 
 
-def wait_for(launch: Launch, run_proc: Proc, deadline: float) -> None:
-    """Wait for ``flwr run`` while watching the servers and the deadline."""
+def wait_for(launch: Launch, run_proc: Proc, deadline: float, tick: Callable[[], None] | None = None) -> None:
+    """Wait for ``flwr run`` while watching the servers and the deadline; ``tick`` runs every half second."""
     while run_proc.popen.poll() is None:
-        check_alive(launch)
+        check_alive(launch, nodes_may_die=True)
+        if tick is not None:
+            tick()
         if time.monotonic() > deadline:
             raise LaunchError(f"the run exceeded runtime.timeout_s; logs in {run_proc.log_path.parent}")
         time.sleep(0.5)

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,9 @@ from fedapp.deploy.processes import (
     wait_until_healthy,
 )
 from fedapp.deploy.staging import project_root, stage_app
+from fedapp.deploy.watch import NodeSpec, RunWatcher
+from fedapp.faults.plan import node_schedule
+from fedapp.rounds.progress import PROGRESS_FILE
 from fedapp.runconfig import write_run_config_toml
 from fedapp.store.settings import prepare_run
 
@@ -68,10 +71,15 @@ def run_in_processes(cfg: ExperimentConfig, *, node_auth: bool = False) -> dict[
     flwr_home.mkdir()
     launch = Launch(marker=uuid.uuid4().hex)
     env = environment(flwr_home, launch.marker)
+    log(INFO, "Logs of every process: %s; progress: %s", logs, out / PROGRESS_FILE)
     try:
         app_dir = stage_app(project_root(), workdir / "app")
-        _start_federation(launch, cfg, env, flwr_home, deadline, node_auth=node_auth)
-        run_to_completion(launch, env, app_dir, run_config, logs, deadline)
+        nodes = _start_federation(launch, cfg, env, flwr_home, deadline, node_auth=node_auth)
+        watcher = RunWatcher(launch, env, logs, out / PROGRESS_FILE, schedule=node_schedule(cfg.faults), nodes=nodes)
+        run_to_completion(launch, env, app_dir, run_config, logs, deadline, watcher.tick)
+    except LaunchError:
+        log(ERROR, "The run failed; logs of every process in %s", logs)
+        raise
     finally:
         stop_all(launch)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -105,11 +113,17 @@ def submit_run(cfg: ExperimentConfig, superlink: str, *, root_certificates: str 
     launch = Launch(marker=uuid.uuid4().hex)
     env = environment(workdir / "flwr-home", launch.marker)
     ca = Path(root_certificates).resolve() if root_certificates else None
+    # The ServerApp writes its progress on the SuperLink's machine; follow it when that folder is
+    # visible here, else echo `flwr run --stream` (the ServerApp's log).
+    progress = Path(cfg.runtime.output_dir) / PROGRESS_FILE
+    visible = progress.parent.is_dir()
+    watcher = RunWatcher(launch, env, logs, progress if visible else None, stream_log=logs / "flwr-run.log")
+    log(INFO, "Submitting to %s; logs in %s%s", superlink, logs, f"; progress: {progress}" if visible else "")
     try:
         write_connection(workdir / "flwr-home", superlink, ca)
         app_dir = stage_app(project_root(), workdir / "app")
         run_config = write_run_config_toml(cfg, workdir / "run_config.toml")
-        status, run_id = run_to_completion(launch, env, app_dir, run_config, logs, deadline)
+        status, run_id = run_to_completion(launch, env, app_dir, run_config, logs, deadline, watcher.tick)
     finally:
         stop_all(launch)
         for temporary in ("flwr-home", "app"):  # the logs stay for a post-mortem
@@ -123,8 +137,8 @@ def submit_run(cfg: ExperimentConfig, superlink: str, *, root_certificates: str 
 
 def _start_federation(
     launch: Launch, cfg: ExperimentConfig, env: dict[str, str], flwr_home: Path, deadline: float, *, node_auth: bool
-) -> None:
-    """SuperLink (healthy), then one SuperNode per partition; the CLI connection to it."""
+) -> dict[int, NodeSpec]:
+    """SuperLink (healthy), then one SuperNode per partition; the CLI connection to it. How each node was started."""
     out = Path(cfg.runtime.output_dir)
     logs = out / "logs"
     port, *node_ports = free_ports(cfg.runtime.superlink_port, cfg.partition.num_clients)
@@ -147,18 +161,22 @@ def _start_federation(
     ])  # fmt: skip
     wait_until_healthy(launch, address, ca_cert, deadline)
     num = cfg.partition.num_clients
+    nodes: dict[int, NodeSpec] = {}
     for i, node_port in enumerate(node_ports):
         auth = []
         if node_auth:
             private_key, public_key = generate_node_keys(out / "keys", f"supernode-{i}")
             register_node(env, public_key, logs)
             auth = ["--auth-supernode-private-key", str(private_key)]
-        start(launch, f"supernode-{i}", logs, env, [
+        command = [
             executable("flower-supernode"), "--superlink", address, "--port", str(node_port),
             "--node-config", node_config(cfg, i), *node_tls, *auth,
-        ])  # fmt: skip
+        ]  # fmt: skip
+        start(launch, f"supernode-{i}", logs, env, command)
+        nodes[i] = NodeSpec(i, f"supernode-{i}", command)
     log(INFO, "SuperLink on %s (tls=%s, node auth=%s), %d SuperNodes; logs in %s",
         address, cfg.runtime.tls, node_auth, num, logs)  # fmt: skip
+    return nodes
 
 
 def node_config(cfg: ExperimentConfig, partition_id: int) -> str:

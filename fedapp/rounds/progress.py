@@ -8,7 +8,7 @@ Three audiences, one source:
   ``min_interval_s`` seconds, and one per round;
 * the process launcher, whose ServerApp runs in another process, follows
   ``<output_dir>/progress.jsonl`` (one JSON object per reply / round / wait) and
-  prints the same lines as they are written (:func:`follow_progress`).
+  prints the same lines as they are written (:class:`ProgressReader`, :func:`progress_line`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import time
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from flwr.common import log
 from flwr.common.logger import FLOWER_LOGGER
@@ -148,37 +148,44 @@ class RoundProgress:
             fh.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
 
-def follow_progress(
-    path: str | Path, emit: Callable[[str], None], *, stop: Callable[[], bool], poll_s: float = 0.5
-) -> Iterator[dict[str, Any]]:
-    """Follow ``progress.jsonl`` as it grows: print round, failure and waiting lines; yield every record.
+class ProgressReader:
+    """Reads ``progress.jsonl`` incrementally: each call returns the records written since the last one.
 
-    Ends when ``stop()`` is true (after reading what is left) or an ``end`` record arrives.
-    A file that does not exist yet is waited for.
+    The process launcher calls it while it waits for ``flwr run``; a line still being
+    written (no newline yet) is left for the next call, and a file that does not exist
+    yet is simply empty.
     """
-    file = Path(path)
-    offset = 0
-    while True:
-        done = stop()
-        if file.exists():
-            with file.open() as fh:
-                fh.seek(offset)
-                chunk = fh.read()
-            complete, _, _ = chunk.rpartition("\n")
-            if complete:
-                offset += len(complete.encode()) + 1
-                for text in complete.splitlines():
-                    try:
-                        record = json.loads(text)
-                    except json.JSONDecodeError:
-                        continue
-                    if record.get("kind") in ("round", "waiting") or (
-                        record.get("kind") == "reply" and record.get("outcome") != "trained"
-                    ):
-                        emit(record.get("line") or f"Round {record['round']}: client {record['client']} {record['outcome']}")
-                    yield record
-                    if record.get("kind") == "end":
-                        return
-        if done:
-            return
-        time.sleep(poll_s)
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._offset = 0
+
+    def new_records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as fh:
+            fh.seek(self._offset)
+            chunk = fh.read()
+        complete, newline, _ = chunk.rpartition(b"\n")
+        if not newline:
+            return []
+        self._offset += len(complete) + 1
+        records = []
+        for raw in complete.splitlines():
+            try:
+                records.append(json.loads(raw))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+
+def progress_line(record: dict[str, Any]) -> str | None:
+    """What the launcher prints for a record: round lines, waits, failures and the run's end; None for the rest."""
+    kind = record.get("kind")
+    if kind in ("round", "waiting", "end"):
+        return str(record.get("line") or f"run {record.get('status')}")
+    if kind == "start":
+        return f"Round {record.get('round')}: waiting for {record.get('expected')} client replies"
+    if kind == "reply" and record.get("outcome") not in ("replied", "trained"):
+        return f"Round {record.get('round')}: client {record.get('client')} {record.get('outcome')}"
+    return None

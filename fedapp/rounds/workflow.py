@@ -169,6 +169,8 @@ class FitRound:
         for msg in replies:
             node = msg.metadata.src_node_id
             label = self._label(node, msg)
+            if label in self.tally.rounds.get(server_round, {}):  # a label is the client's claim: never merge two nodes
+                label = f"node-{node}"
             if msg.has_content():
                 fitres = compat.recorddict_to_fitres(msg.content, False)
                 if fitres.status.code == Code.OK and node in proxies:
@@ -211,7 +213,7 @@ class FitRound:
 
     def _label(self, node: int, msg: Message | None) -> str:
         if msg is not None and msg.has_content():
-            metrics = msg.content.metric_records.get("fitres.metrics")
+            metrics = msg.content.config_records.get("fitres.metrics")
             if metrics is not None and CLIENT_ID_KEY in metrics:
                 self._labels[node] = str(metrics[CLIENT_ID_KEY])
         return self._labels.get(node, f"node-{node}")
