@@ -8,6 +8,7 @@ touching Flower's round loop.
 
 from __future__ import annotations
 
+import math
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING
 
@@ -88,6 +89,8 @@ def update_norm(weights: NDArrays, reference: NDArrays) -> float | None:
     """L2 norm of ``weights - reference``; None when the reply is not a plain model (ciphertexts, declines)."""
     if not reference or len(weights) != len(reference) or any(w.shape != r.shape for w, r in zip(weights, reference)):
         return None
+    if not all(np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer) for w in weights):
+        return None  # text, complex, bool: no norm (validation refuses it)
     return float(np.sqrt(sum(float(np.sum((w.astype(np.float64) - r) ** 2)) for w, r in zip(weights, reference))))
 
 
@@ -171,6 +174,8 @@ class MetricsRecording(StrategyWrapper):
         if self.rounds is not None:
             if server_round > 0:
                 self.rounds.end_round(server_round)
+                if result is not None and not math.isfinite(float(result[0])):
+                    self.rounds.model_broken(server_round, float(result[0]))
             return result
         if result is not None:
             loss, metrics = result

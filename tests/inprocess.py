@@ -84,8 +84,10 @@ class ThreadGrid(Grid):
                 entry = self._pending.get(msg_id)
                 if entry is None or not entry[1].done() or entry[0].metadata.dst_node_id in self.lost:
                     continue
-                del self._pending[msg_id]
-                replies.append(entry[1].result())
+                reply = entry[1].result()
+                if reply is not None:  # None: the ClientApp's process exited, nothing will ever come
+                    del self._pending[msg_id]
+                    replies.append(reply)
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
@@ -102,11 +104,13 @@ class ThreadGrid(Grid):
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _handle(self, msg: Message) -> Message:
+    def _handle(self, msg: Message) -> Message | None:
         node = msg.metadata.dst_node_id
         try:
             reply = self.app(msg, self.contexts[node])
         except Exception:  # what a SuperNode sends back when its ClientApp raises
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=traceback.format_exc()), reply_to=msg)
+        except SystemExit:  # the ClientApp process exited (faults.kind=exit with os._exit patched to raise this)
+            return None
         reply.metadata.__dict__["_src_node_id"] = node
         return reply

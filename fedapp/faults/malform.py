@@ -21,8 +21,8 @@ def malform(kind: str, reference: NDArrays, update: NDArrays, rng: np.random.Gen
     ``nan``/``inf``: one to all entries of one array; ``shape``: one array cut,
     grown or transposed; ``count``: an array dropped or added; ``dtype``: one
     array cast to another type (wider float, int, complex, bool, text);
-    ``norm``: the update ``update - reference`` scaled by 10^3 .. 10^37 (finite in
-    float32 up to 10^38, so only a norm check can refuse it).
+    ``norm``: the update ``update - reference`` stretched until its largest entry is
+    10^3 .. 10^37 (finite in float32 up to 3.4e38, so only a norm check can refuse it).
     """
     if kind not in MALFORMATIONS:
         raise ValueError(f"unknown malformation {kind!r}; valid: {list(MALFORMATIONS)}")
@@ -53,9 +53,12 @@ def malform(kind: str, reference: NDArrays, update: NDArrays, rng: np.random.Gen
     elif kind == "dtype":
         dtype = _BAD_DTYPES[int(rng.integers(len(_BAD_DTYPES)))]
         out[i] = out[i].astype(dtype)
-    else:  # norm
-        scale = 10.0 ** float(rng.uniform(3, 37))
-        out = [(r + scale * (u.astype(np.float64) - r)).astype(u.dtype) for r, u in zip(reference, update)]
-        if all(np.array_equal(a, r) for a, r in zip(out, reference)):  # a zero update has no norm to inflate
-            out[i] = out[i] + np.asarray(scale, out[i].dtype)
+    else:  # norm: the update stretched until its largest entry is 10^3 .. 10^37
+        target = 10.0 ** float(rng.uniform(3, 37))
+        deltas = [u.astype(np.float64) - r for r, u in zip(reference, update)]
+        largest = max(float(np.abs(d).max()) for d in deltas if d.size)
+        if largest == 0.0:  # a zero update has no direction to stretch
+            deltas[i] = np.ones_like(deltas[i])
+            largest = 1.0
+        out = [(r + d * (target / largest)).astype(u.dtype) for r, u, d in zip(reference, update, deltas)]
     return out

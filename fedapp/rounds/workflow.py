@@ -180,9 +180,6 @@ class FitRound:
                 outcome, reason = Outcome.FAILED, one_line(fitres.status.message or "client reported an error status")
             else:
                 outcome, reason = classify_error(msg.error)
-                claimed, _ = tagged(msg.error.reason or "")
-                if claimed is not None and label.startswith("node-") and claimed not in self.tally.rounds[server_round]:
-                    label = self._labels.setdefault(node, claimed)
                 log(DEBUG, "Round %s: client %s error in full:\n%s", server_round, label, msg.error.reason)
             failures.append(self._fail(server_round, label, outcome, reason, node))
         return results, failures
@@ -212,10 +209,15 @@ class FitRound:
         return ClientFailure(label, outcome, reason, node)
 
     def _label(self, node: int, msg: Message | None) -> str:
+        """The client's partition id as it last reported it (in its metrics, or its error's tag), else the node id."""
         if msg is not None and msg.has_content():
             metrics = msg.content.config_records.get("fitres.metrics")
             if metrics is not None and CLIENT_ID_KEY in metrics:
                 self._labels[node] = str(metrics[CLIENT_ID_KEY])
+        elif msg is not None and node not in self._labels:
+            claimed, _ = tagged(msg.error.reason or "")
+            if claimed is not None:
+                self._labels[node] = claimed
         return self._labels.get(node, f"node-{node}")
 
     @staticmethod
@@ -261,7 +263,7 @@ class FitRound:
             for i, array in enumerate(model):
                 if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
                     raise RunFailed(
-                        f"round {server_round}: the aggregated model is no longer finite (array {i} holds NaN/Inf); "
+                        f"round {server_round}: the aggregated model is not finite (array {i} holds NaN/Inf); "
                         f"the run stops ({self.tally.line(server_round)})"
                     )
         counts = self.tally.counts(server_round)
@@ -276,6 +278,13 @@ class FitRound:
                 raise RunFailed(line)
             log(WARNING, "%s (failed round %d of %d tolerated, strategy.max_failed_rounds)", line,
                 self.failed_rounds, tolerance)  # fmt: skip
+
+    def model_broken(self, server_round: int, loss: float) -> None:
+        """A finite model whose outputs overflow (test loss NaN/Inf) is as broken as a non-finite one: stop."""
+        raise RunFailed(
+            f"round {server_round}: the global model's test loss is not finite ({loss}): its outputs overflow, "
+            f"the run stops ({self.tally.line(server_round) if server_round in self.tally.rounds else 'no training'})"
+        )
 
     def end_round(self, server_round: int) -> None:
         """The round's one line (counts, dominant reason, accuracy, epsilon, time), once it is evaluated."""

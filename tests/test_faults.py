@@ -1,0 +1,298 @@
+"""Faults against the real ServerApp and ClientApp: every kind has a run that shows what happens and why.
+
+Runs go over :class:`tests.inprocess.ThreadGrid` (the project's ServerApp and
+ClientApp, every mod included, nodes as threads; seconds per run instead of a
+Ray start), so each fault kind gets its own run. One Ray simulation at the end
+checks the same accounting in Flower's simulation engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.common import Context, Error, RecordDict
+from flwr.common.constant import ErrorCode
+
+from fedapp.client_app import make_client_app
+from fedapp.config import ConfigError, ExperimentConfig
+from fedapp.datasets import dataset_spec
+from fedapp.faults import MALFORMATIONS, fault_for, malform, node_schedule
+from fedapp.metrics import read_jsonl
+from fedapp.models import build_model
+from fedapp.rounds import Outcome, RunFailed, classify_error, one_line
+from fedapp.rounds.progress import ProgressReader, progress_line
+from fedapp.server_app import make_server_app, run_experiment
+from fedapp.store.db import RunStore
+from fedapp.training import get_weights, set_weights
+from fedapp.validation import MalformedUpdateError, check_update
+from tests.inprocess import ThreadGrid
+
+
+def experiment(tmp_path: Path, **sections: dict[str, Any]) -> ExperimentConfig:
+    raw: dict[str, Any] = {
+        "name": "faults",
+        "num_rounds": 2,
+        "dataset": {"name": "synthetic-mnist", "synthetic_train_size": 600, "synthetic_test_size": 200},
+        "model": {"name": "cnn_mnist_small"},
+        "partition": {"num_clients": 4},
+        "strategy": {"round_timeout_s": 4.0},
+        "runtime": {"output_dir": str(tmp_path / "run")},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return ExperimentConfig.from_dict(raw)
+
+
+class Run:
+    """One in-process run: its outcome, round rows and events."""
+
+    def __init__(self, cfg: ExperimentConfig, grid_type: type[ThreadGrid] = ThreadGrid) -> None:
+        self.cfg = cfg
+        grid = grid_type(cfg, make_client_app(cfg))
+        context = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        self.error: BaseException | None = None
+        self.summary: dict[str, Any] = {}
+        try:
+            self.summary = run_experiment(grid, context, cfg)
+        except RunFailed as err:
+            self.error = err
+        finally:
+            grid.close()
+        out = Path(cfg.runtime.output_dir)
+        self.rows = {r["round"]: r for r in json.loads((out / "metrics.json").read_text())}
+        self.events = read_jsonl(out / "events.jsonl")
+        self.progress = read_jsonl(out / "progress.jsonl")
+
+    def failures(self, kind: str = "client_failure") -> list[dict[str, Any]]:
+        return [e for e in self.events if e["kind"] == kind]
+
+
+# ---- the plan ------------------------------------------------------------------------------------
+def test_random_faults_hit_about_the_fraction_and_the_same_clients_on_every_node() -> None:
+    cfg = ExperimentConfig.from_dict({"faults": {"kind": "crash", "fraction": 0.3, "seed": 5}, "num_rounds": 200})
+    hits = [[fault_for(cfg.faults, pid, r) is not None for pid in range(10)] for r in range(1, 201)]
+    rate = np.mean(hits)
+    assert 0.25 < rate < 0.35
+    assert len({tuple(h) for h in hits}) > 50  # different clients each round
+    again = [[fault_for(cfg.faults, pid, r) is not None for pid in range(10)] for r in range(1, 201)]
+    assert again == hits  # a fresh ClientApp process decides the same
+
+
+@pytest.mark.parametrize(
+    ("faults", "message"),
+    [
+        ({"kind": "melt"}, "faults.kind must be one of"),
+        ({"kind": "crash"}, "hits no client"),
+        ({"kind": "crash", "clients": "9"}, "outside"),
+        ({"kind": "malformed", "clients": "1", "malformation": "weird"}, "faults.malformation"),
+        ({"kind": "crash", "clients": "1", "rounds": "7"}, "faults.rounds"),
+        ({"node_schedule": "kill 1 at 2"}, "faults.node_schedule item"),
+        ({"kind": "exit", "clients": "1"}, "runtime.mode=processes"),
+    ],
+)
+def test_impossible_faults_are_refused_with_the_key(faults: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ExperimentConfig.from_dict({"faults": faults, "partition": {"num_clients": 4}, "num_rounds": 3})
+
+
+def test_node_schedule_is_parsed_in_round_order() -> None:
+    cfg = ExperimentConfig.from_dict({"faults": {"node_schedule": "restart 1 @5, kill 1 @2"},
+                                      "runtime": {"mode": "processes"}, "num_rounds": 6})  # fmt: skip
+    assert [(a.action, a.partition_id, a.round) for a in node_schedule(cfg.faults)] == [("kill", 1, 2), ("restart", 1, 5)]
+
+
+@pytest.mark.parametrize("kind", MALFORMATIONS)
+def test_every_malformation_is_refused_by_the_server_checks(kind: str) -> None:
+    reference = get_weights(build_model("cnn_mnist_small", dataset_spec("synthetic-mnist")))
+    honest = [w + np.float32(0.01) for w in reference]
+    check_update(honest, [r.shape for r in reference], 100, [r.dtype for r in reference])  # the honest one passes
+    for seed in range(20):
+        broken = malform(kind, reference, honest, np.random.default_rng(seed))
+        try:
+            check_update(broken, [r.shape for r in reference], 100, [r.dtype for r in reference])
+        except MalformedUpdateError:
+            continue
+        norm = np.sqrt(sum(float(np.sum((b.astype(np.float64) - r) ** 2)) for b, r in zip(broken, reference)))
+        assert kind == "norm" and norm > 1000.0, f"{kind} seed {seed} passed every check (norm {norm:.3g})"
+
+
+# ---- reasons -------------------------------------------------------------------------------------
+def test_a_model_mismatch_is_one_line_naming_the_tensor_and_both_shapes() -> None:
+    spec = dataset_spec("synthetic-mnist")
+    client_model = build_model("cnn_mnist", spec)
+    server_weights = get_weights(build_model("cnn_mnist_small", spec))
+    with pytest.raises(Exception) as caught:
+        set_weights(client_model, server_weights)
+    line = one_line(f"Traceback (most recent call last):\n  File ...\n\x1b[31m{caught.value}\x1b[0m")
+    assert line == "model mismatch (features.0.weight [16,1,8,8] vs [32,1,3,3])"  # the server's shape, then the client's
+    assert "\n" not in line and "\x1b" not in line and len(line) < 120
+
+
+def test_flower_error_replies_are_classified() -> None:
+    assert classify_error(Error(ErrorCode.NODE_UNAVAILABLE, "gone"))[0] is Outcome.NODE_LOST
+    outcome, reason = classify_error(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "x\n" * 500 + "ValueError: bad input"))
+    assert (outcome, reason) == (Outcome.FAILED, "ValueError: bad input")
+
+
+# ---- each fault kind in a run ---------------------------------------------------------------------
+def test_crash_is_counted_with_the_clients_reason_and_the_run_completes(tmp_path: Path) -> None:
+    run = Run(experiment(tmp_path, faults={"kind": "crash", "clients": "1"}))
+    assert run.error is None and run.summary["rounds"] == 2
+    for r in (1, 2):
+        assert (run.rows[r]["fit_trained"], run.rows[r]["fit_failed"], run.rows[r]["fit_sampled"]) == (3, 1, 4)
+    [first, _] = run.failures()
+    assert first["client"] == "1" and first["outcome"] == "failed"
+    assert first["reason"] == "InjectedFault: injected crash on client 1 in round 1 (faults.kind=crash)"
+    assert run.summary["failures"]["failed"] == 2
+
+
+def test_a_hung_client_costs_one_deadline_and_its_late_reply_is_dropped(tmp_path: Path) -> None:
+    run = Run(experiment(tmp_path, faults={"kind": "hang", "clients": "2", "hang_s": 6.0},
+                         strategy={"round_timeout_s": 2.0}))  # fmt: skip
+    assert run.error is None
+    for r in (1, 2):
+        assert (run.rows[r]["fit_trained"], run.rows[r]["fit_timed_out"]) == (3, 1)
+        assert run.rows[r]["round_time_s"] < 2.0 + 3.0  # one deadline, plus evaluation
+    assert all("round_timeout_s=2" in f["reason"] for f in run.failures())
+
+
+def test_a_straggler_slower_than_the_deadline_is_dropped_but_not_a_fast_one(tmp_path: Path) -> None:
+    slow = Run(experiment(tmp_path / "slow", faults={"kind": "straggler", "clients": "0", "slowdown": 200.0},
+                          strategy={"round_timeout_s": 2.0}))  # fmt: skip
+    assert slow.rows[1]["fit_timed_out"] == 1
+    fast = Run(experiment(tmp_path / "fast", faults={"kind": "straggler", "clients": "0", "slowdown": 1.5},
+                          strategy={"round_timeout_s": 20.0}))  # fmt: skip
+    assert fast.rows[1]["fit_timed_out"] == 0 and fast.rows[1]["fit_trained"] == 4
+
+
+def test_a_dropped_connection_is_a_missing_reply(tmp_path: Path) -> None:
+    run = Run(experiment(tmp_path, faults={"kind": "drop", "clients": "3", "hang_s": 5.0},
+                         strategy={"round_timeout_s": 2.0}))  # fmt: skip
+    assert run.rows[1]["fit_timed_out"] == 1 and run.rows[1]["fit_trained"] == 3
+
+
+def test_a_process_exit_is_a_missing_reply(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def exit_(code: int) -> None:  # the thread stands in for the ClientApp process
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    cfg = experiment(tmp_path, faults={"kind": "exit", "clients": "0"}, strategy={"round_timeout_s": 2.0},
+                     runtime={"mode": "processes"})  # fmt: skip
+    run = Run(cfg)
+    assert run.error is None and run.rows[1]["fit_timed_out"] == 1
+
+
+@pytest.mark.parametrize("malformation", ["nan", "shape", "count", "dtype", "norm"])
+def test_a_malformed_update_is_refused_and_the_honest_ones_aggregated(tmp_path: Path, malformation: str) -> None:
+    run = Run(experiment(tmp_path, faults={"kind": "malformed", "clients": "1", "malformation": malformation}))
+    assert run.error is None
+    for r in (1, 2):
+        assert (run.rows[r]["fit_trained"], run.rows[r]["fit_refused"]) == (3, 1)
+    refusals = run.failures("update_rejected")
+    assert {e["client"] for e in refusals} == {"1"} and len(refusals) == 2
+    assert run.summary["final_test_accuracy"] is not None and np.isfinite(run.summary["final_test_loss"])
+
+
+def test_a_replayed_update_is_refused(tmp_path: Path) -> None:
+    run = Run(experiment(tmp_path, num_rounds=3, faults={"kind": "replay", "clients": "2", "rounds": "3"}))
+    assert run.rows[3]["fit_refused"] == 1
+    [refusal] = run.failures("update_rejected")
+    assert refusal["client"] == "2" and refusal["reason"] == "replayed update: byte-identical to its round 2 update"
+
+
+def test_an_absurd_update_without_validation_makes_the_model_non_finite_and_the_run_fails(tmp_path: Path) -> None:
+    reference = get_weights(build_model("cnn_mnist_small", dataset_spec("synthetic-mnist")))
+    seed = next(  # a seed whose round-1 update for client 1 is scaled near float32's limit (the sum overflows)
+        s for s in range(200)
+        if max(np.abs(a).max() for a in malform("norm", reference, [r + np.float32(0.01) for r in reference],
+                                                np.random.default_rng([s, 1, 1, 0xBAD]))) > 3e36
+    )  # fmt: skip
+    cfg = experiment(tmp_path, faults={"kind": "malformed", "clients": "1", "malformation": "norm", "seed": seed},
+                     validation={"max_update_norm": 0.0, "relative_norm_bound": 0.0})  # fmt: skip
+    run = Run(cfg)
+    assert isinstance(run.error, RunFailed) and "not finite" in str(run.error)
+    store = RunStore(os.environ["FEDAPP_STORE_URL"])
+    [record] = [r for r in store.list_runs() if r.output_dir == cfg.runtime.output_dir]
+    assert record.status == "failed" and "not finite" in (record.error or "")
+
+
+def test_a_round_where_every_client_fails_fails_the_run_in_one_line(tmp_path: Path) -> None:
+    run = Run(experiment(tmp_path, faults={"kind": "crash", "clients": "0,1,2,3"}))
+    assert isinstance(run.error, RunFailed)
+    assert str(run.error) == (
+        "round 1: 0 of 4 clients trained: 4 failed: InjectedFault: injected crash on client 0 in round 1 (faults.kind=crash)"
+    )
+    assert 2 not in run.rows  # it stopped at once
+    assert run.progress[-1]["kind"] == "end" and run.progress[-1]["status"] == "failed"
+
+
+def test_failed_rounds_within_the_tolerance_let_the_run_go_on(tmp_path: Path) -> None:
+    cfg = experiment(tmp_path, num_rounds=3, faults={"kind": "crash", "clients": "0,1,2,3", "rounds": "2"},
+                     strategy={"max_failed_rounds": 1})  # fmt: skip
+    run = Run(cfg)
+    assert run.error is None
+    assert run.rows[2]["round_failed"] is True and run.rows[3]["fit_trained"] == 4
+    assert run.summary["failed_rounds"] == 1
+
+
+class LosingGrid(ThreadGrid):
+    """Loses partition 1's node when round 2's messages go out (as a killed SuperNode)."""
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201 - Grid's signature
+        messages = list(messages)
+        if any(m.metadata.group_id == "2" for m in messages):
+            self.lose(1)
+        return super().push_messages(messages)
+
+
+def test_a_lost_node_costs_one_deadline_and_the_run_goes_on_with_the_others(tmp_path: Path) -> None:
+    run = Run(experiment(tmp_path, num_rounds=3, strategy={"round_timeout_s": 2.0}), LosingGrid)
+    assert run.error is None
+    assert run.rows[2]["fit_node_lost"] == 1 and run.rows[2]["fit_trained"] == 3
+    assert run.rows[3]["fit_sampled"] == 3 and run.rows[3]["fit_failures"] == 0  # no longer sampled
+    assert run.failures()[0]["client"] == "1"
+
+
+class ShrinkingGrid(ThreadGrid):
+    """Loses three of four nodes after round 1."""
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        messages = list(messages)
+        if any(m.metadata.group_id == "2" for m in messages):
+            for pid in (1, 2, 3):
+                self.lose(pid)
+        return super().push_messages(messages)
+
+
+def test_too_few_nodes_makes_the_server_wait_a_bounded_time_then_fail(tmp_path: Path) -> None:
+    cfg = experiment(tmp_path, num_rounds=3, strategy={"round_timeout_s": 1.0, "node_wait_s": 2.0, "max_failed_rounds": 3})
+    run = Run(cfg, ShrinkingGrid)
+    assert isinstance(run.error, RunFailed)
+    assert str(run.error).startswith("round 3: only 1 of the 2 nodes needed (strategy.min_available_clients)")
+    assert [p["kind"] for p in run.progress].count("waiting") >= 1
+
+
+# ---- entry points and progress ---------------------------------------------------------------------
+def test_a_bad_run_config_fails_the_serverapp_before_any_round_in_one_line() -> None:
+    app = make_server_app()
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"num_rounds": 0})
+    with pytest.raises(RunFailed, match=r"^run config refused: num_rounds must be") as caught:
+        app._main(None, context)  # type: ignore[misc]
+    assert "\n" not in str(caught.value)
+
+
+def test_progress_file_carries_the_replies_and_round_lines_the_launcher_prints(tmp_path: Path) -> None:
+    run = Run(experiment(tmp_path, faults={"kind": "crash", "clients": "1"}))
+    reader = ProgressReader(Path(run.cfg.runtime.output_dir) / "progress.jsonl")
+    lines = [progress_line(r) for r in reader.new_records()]
+    assert reader.new_records() == []  # incremental: nothing twice
+    printed = [line for line in lines if line]
+    assert any(line.startswith("Round 1/2: 3 of 4 clients trained: 1 failed: InjectedFault") for line in printed)
+    assert "Round 1: client 1 failed" in printed
+    replies = [r for r in run.progress if r["kind"] == "reply" and r["round"] == 1]
+    assert [r["replies"] for r in replies] == [1, 2, 3, 4]
