@@ -104,7 +104,7 @@ def resume(
 ) -> None:
     """Continue a killed or failed run from its last checkpoint, with its own config and round numbers."""
     from fedapp.config import ConfigError, ExperimentConfig
-    from fedapp.runner import run_experiment_here, user_errors
+    from fedapp.runner import failed_run_errors, run_experiment_here, user_errors
 
     db = _open_store(store)
     record = _get_run(db, run_id)
@@ -120,6 +120,8 @@ def resume(
         fail(str(err))
     except user_errors() as err:
         fail(str(err))
+    except failed_run_errors() as err:
+        fail(f"run {run_id} failed: {str(err).splitlines()[0]}", code=1)
     typer.echo(json.dumps(summary, indent=2))
     if summary.get("status") == "failed":
         fail(f"run {run_id} failed: {summary.get('error', 'see the log')}", code=1)

@@ -68,15 +68,20 @@ CIFAR10_SPEC = DatasetSpec(
 SPECS: dict[str, DatasetSpec] = {
     "mnist": MNIST_SPEC,
     "cifar10": CIFAR10_SPEC,
-    "synthetic-mnist": DatasetSpec("synthetic-mnist", (1, 28, 28), 10, (0.0,), (1.0,)),
-    "synthetic-cifar10": DatasetSpec("synthetic-cifar10", (3, 32, 32), 10, (0.0,) * 3, (1.0,) * 3),
+    "synthetic_mnist": DatasetSpec("synthetic_mnist", (1, 28, 28), 10, (0.0,), (1.0,)),
+    "synthetic_cifar10": DatasetSpec("synthetic_cifar10", (3, 32, 32), 10, (0.0,) * 3, (1.0,) * 3),
 }
 
 
+def canonical_name(name: str) -> str:
+    """``synthetic-mnist`` and ``synthetic_mnist`` are one data set: the underscore (the Hydra option's) is canonical."""
+    return name.replace("-", "_")
+
+
 def dataset_spec(name: str) -> DatasetSpec:
-    """Look a data set up by name; unknown names list the valid ones."""
+    """Look a data set up by name (either spelling, :func:`canonical_name`); unknown names list the valid ones."""
     try:
-        return SPECS[name]
+        return SPECS[canonical_name(name)]
     except KeyError:
         raise ConfigError(f"unknown dataset {name!r}; valid: {sorted(SPECS)}") from None
 
@@ -113,7 +118,7 @@ def _load_cached(
     synth_test: int,
 ) -> tuple[TensorDataset, TensorDataset]:
     spec = dataset_spec(name)
-    if name.startswith("synthetic-"):
+    if canonical_name(name).startswith("synthetic_"):
         train, test = synthetic_dataset(spec, synth_train, synth_test, seed=1234)
     else:
         train, test = _TORCHVISION_LOADERS[name](Path(root), download, spec)

@@ -44,6 +44,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataUnavailableError, CheckpointError, AuditError, StoreError)
 
 
+def failed_run_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the run failed" (faults, a broken model, a process that died): exit 1, one line."""
+    from fedapp.deploy.errors import LaunchError
+    from fedapp.rounds.outcomes import RunFailed
+
+    return (RunFailed, LaunchError)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Compose, validate, run; return the final test accuracy (for sweepers)."""
@@ -56,6 +64,9 @@ def main(cfg: DictConfig) -> float | None:
     except user_errors() as err:
         log.error("fedapp: %s", err)
         sys.exit(2)
+    except failed_run_errors() as err:
+        log.error("fedapp: run failed: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
+        sys.exit(1)
     print(f"\n== {experiment.name}: summary ({summary.get('output_dir', experiment.runtime.output_dir)}) ==")
     print(json.dumps(summary, indent=2))
     if summary.get("status") == "failed":

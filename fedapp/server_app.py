@@ -93,7 +93,11 @@ def secaggplus_workflow(cfg: ExperimentConfig) -> SecAggPlusWorkflow:
 
 def run_experiment(grid: Grid, context: Context, cfg: ExperimentConfig) -> dict:
     """Run all rounds of ``cfg`` on ``grid`` (from its checkpoint with ``store.resume``); write outputs; return the summary."""
-    check_experiment(cfg)
+    try:  # names, sizes, data and key files: a mistake is one line, before any round
+        check_experiment(cfg)
+    except ConfigError as err:
+        log(ERROR, "Run config refused: %s", err)
+        raise RunFailed(f"run config refused: {err}") from None
     durable: DurableRun | None = None
     if cfg.store.enabled:
         try:
@@ -177,7 +181,6 @@ def make_server_app(cfg: ExperimentConfig | None = None) -> ServerApp:
         else:
             try:  # a user's mistake in the run config: one line, before any round (flwr ls shows it)
                 experiment = experiment_from_run_config(context.run_config)
-                check_experiment(experiment)
             except ConfigError as err:
                 log(ERROR, "Run config refused: %s", err)
                 raise RunFailed(f"run config refused: {err}") from None

@@ -15,6 +15,7 @@ from typing import Any
 
 from fedapp.components import check_experiment
 from fedapp.config import ExperimentConfig
+from fedapp.rounds.outcomes import RunFailed
 from fedapp.store.settings import prepare_run
 
 
@@ -44,12 +45,17 @@ def run_in_simulation(cfg: ExperimentConfig) -> dict[str, Any]:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(
-            server_app=make_server_app(cfg),
-            client_app=make_client_app(cfg),
-            num_supernodes=cfg.partition.num_clients,
-            backend_config=backend_config(cfg),
-        )
+        try:
+            run_simulation(
+                server_app=make_server_app(cfg),
+                client_app=make_client_app(cfg),
+                num_supernodes=cfg.partition.num_clients,
+                backend_config=backend_config(cfg),
+            )
+        except RuntimeError as err:  # Flower wraps the ServerApp's own reason; give it back
+            if isinstance(err.__cause__, RunFailed):
+                raise err.__cause__ from None
+            raise
     summary_path = Path(cfg.runtime.output_dir) / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")

@@ -104,7 +104,9 @@ class FitRound:
             )
             for proxy, fitins in instructions
         ]
+        started = time.monotonic()
         replies, missing = self._collect(grid, messages, server_round)
+        self.recorder.record(server_round, fit_time_s=round(time.monotonic() - started, 3))
         results, failures = self._classify(server_round, replies, proxies)
         self._missing(grid, server_round, missing, failures)
         aggregated, metrics = context.strategy.aggregate_fit(server_round, results, failures)
