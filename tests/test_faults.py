@@ -360,3 +360,21 @@ def test_crashes_are_accounted_the_same_in_flowers_simulation_engine(tmp_path: P
     assert counted == expected and expected  # every injected crash, named by its partition id, nothing else
     assert summary["failures"]["failed"] == len(expected)
     assert all(e["reason"].startswith("InjectedFault: injected crash") for e in events if e["kind"] == "client_failure")
+
+
+@pytest.mark.parametrize(
+    ("log", "cause"),
+    [
+        ("wrongca", "not the CA that signed"),
+        ("sanmismatch", "not issued for the address"),
+        ("unregistered", "public key is not registered"),
+        ("noauthkey", "requires node authentication"),
+        ("insecure", "drop --insecure"),
+    ],
+)
+def test_a_node_that_cannot_join_is_explained_from_its_log(log: str, cause: str) -> None:
+    """Logs recorded from real flower-supernode processes refused by a TLS / node-auth SuperLink (Flower 1.41)."""
+    from fedapp.deploy.diagnose import diagnose_file
+
+    explained = diagnose_file(Path(__file__).parent / "data" / "node_logs" / f"{log}.log")
+    assert explained is not None and cause in explained

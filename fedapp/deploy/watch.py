@@ -26,6 +26,7 @@ from typing import Callable
 
 from flwr.common import log
 
+from fedapp.deploy.diagnose import diagnose_file
 from fedapp.deploy.processes import Launch, Proc, start
 from fedapp.faults.plan import NodeAction
 from fedapp.rounds.progress import ProgressReader, progress_line
@@ -57,6 +58,7 @@ class RunWatcher:
     def __post_init__(self) -> None:
         self._reader = ProgressReader(self.progress) if self.progress is not None else None
         self._stream_offset = 0
+        self._explained: set[tuple[str, str | None]] = set()
 
     def tick(self) -> None:
         if self._reader is not None:
@@ -66,8 +68,21 @@ class RunWatcher:
                 line = progress_line(record)
                 if line:
                     self.emit(line)
+                if record.get("kind") == "waiting":
+                    self.explain_missing_nodes()
         elif self.stream_log is not None:
             self._echo_stream()
+
+    def explain_missing_nodes(self) -> None:
+        """The server is short of nodes: say why, from each SuperNode's log, once per cause and node."""
+        for proc in self.launch.procs:
+            if not proc.name.startswith("supernode") or getattr(proc, "expected_exit", False):
+                continue
+            cause = diagnose_file(proc.log_path)
+            key = (proc.name, cause)
+            if cause and key not in self._explained:
+                self._explained.add(key)
+                self.emit(f"{proc.name}: {cause} (log: {proc.log_path})")
 
     def _round_started(self, server_round: int) -> None:
         for action in [a for a in self.schedule if a.round == server_round]:
@@ -121,5 +136,6 @@ def report_node_exit(proc: Proc) -> None:
         return
     proc.reported = True
     if not getattr(proc, "expected_exit", False):
-        log(WARNING, "%s exited with code %s; the run goes on without it (last lines in %s)",
-            proc.name, proc.popen.returncode, proc.log_path)  # fmt: skip
+        cause = diagnose_file(proc.log_path)
+        log(WARNING, "%s exited with code %s%s; the run goes on without it (log: %s)", proc.name,
+            proc.popen.returncode, f": {cause}" if cause else "", proc.log_path)  # fmt: skip
