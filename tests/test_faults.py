@@ -376,5 +376,5 @@ def test_a_node_that_cannot_join_is_explained_from_its_log(log: str, cause: str)
     """Logs recorded from real flower-supernode processes refused by a TLS / node-auth SuperLink (Flower 1.41)."""
     from fedapp.deploy.diagnose import diagnose_file
 
-    explained = diagnose_file(Path(__file__).parent / "fixtures" / "node_logs" / f"{log}.log")
+    explained = diagnose_file(Path(__file__).parent / "fixtures" / "node_logs" / f"{log}.txt")
     assert explained is not None and cause in explained
