@@ -72,6 +72,8 @@ class UpdateValidation(StrategyWrapper):
     aggregated, so one broken client loses nothing of the others' work.
     """
 
+    optional_state = True  # a checkpoint without the replay memory resumes with it empty (fedapp.store.state)
+
     def __init__(
         self, strategy: Strategy, recorder: RunRecorder | None = None, settings: ValidationConfig | None = None
     ) -> None:
