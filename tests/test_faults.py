@@ -378,3 +378,25 @@ def test_a_node_that_cannot_join_is_explained_from_its_log(log: str, cause: str)
 
     explained = diagnose_file(Path(__file__).parent / "fixtures" / "node_logs" / f"{log}.txt")
     assert explained is not None and cause in explained
+
+
+def test_the_terminal_bar_advances_with_every_reply_and_restores_the_log_handler(tmp_path: Path) -> None:
+    import logging
+
+    from flwr.common.logger import FLOWER_LOGGER
+
+    from fedapp.rounds.progress import RoundProgress
+
+    handlers = [h for h in FLOWER_LOGGER.handlers if type(h) is logging.StreamHandler]
+    before = [h.stream for h in handlers]
+    progress = RoundProgress(tmp_path, num_rounds=3, live=True)
+    progress.start_round(1, expected=3)
+    for i, outcome in enumerate(["replied", "failed", "replied"], start=1):
+        progress.reply(1, str(i), outcome)
+        assert progress._bar.tasks[0].completed == i
+    progress.end_round(1, "Round 1/3: 2 of 3 clients trained: 1 failed: x", {"test_accuracy": 0.5, "fit_failures": 1})
+    assert "acc 50.0%" in progress._bar.tasks[0].description
+    progress.end_run("completed")
+    assert [h.stream for h in handlers] == before
+    kinds = [r["kind"] for r in read_jsonl(tmp_path / "progress.jsonl")]
+    assert kinds == ["start", "reply", "reply", "reply", "round", "end"]

@@ -10,47 +10,71 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 from pathlib import Path
+from typing import Sequence
 
 
-def generate_certificates(directory: str | Path, host: str = "127.0.0.1") -> tuple[Path, Path, Path]:
+LOOPBACK = ("127.0.0.1", "localhost")
+"""Always in a server certificate: the SuperLink's own SuperExec (which runs the ServerApp)
+dials the Runtime API at 127.0.0.1 over the same TLS port, so a certificate that names only
+the host's public address stops every run from starting."""
+
+
+def subject_name(host: str):  # -> cryptography.x509.GeneralName
+    """``host`` as an IP-address SAN when it parses as one, else as a DNS-name SAN."""
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def server_hosts(hosts: str | Sequence[str]) -> list[str]:
+    """The SANs of a server certificate: ``hosts`` (a list, or one comma-separated string) plus loopback, no repeats."""
+    names = hosts.split(",") if isinstance(hosts, str) else list(hosts)
+    return list(dict.fromkeys([*(h.strip() for h in names if h.strip()), *LOOPBACK]))
+
+
+def generate_certificates(
+    directory: str | Path, host: str | Sequence[str] = "127.0.0.1", *, days: int = 30
+) -> tuple[Path, Path, Path]:
     """A self-signed CA and a server certificate for ``host``, written as PEM files.
 
-    gRPC checks the server's subject alternative name, so the server certificate
-    names ``host`` as an IP (or DNS) SAN. Returns ``(ca.crt, server.pem, server.key)``.
-    For tests and a single trusted host; use a real CA for a deployment.
+    gRPC checks the server's subject alternative names, so the server certificate
+    names every entry of ``host`` (one name, a comma-separated string or a list; IPs
+    or DNS names) plus the loopback names (:data:`LOOPBACK`). Returns
+    ``(ca.crt, server.pem, server.key)``; the key is mode 0600. A CA per deployment
+    for tests and small federations; use your organisation's CA where there is one.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
+    hosts = server_hosts(host)
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
-    valid = {"not_valid_before": now - dt.timedelta(minutes=5), "not_valid_after": now + dt.timedelta(days=30)}
+    valid = {"not_valid_before": now - dt.timedelta(minutes=5), "not_valid_after": now + dt.timedelta(days=days)}
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedapp test CA")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedapp deployment CA")])
     ca_cert = (
         x509.CertificateBuilder(issuer_name=ca_name, subject_name=ca_name, public_key=ca_key.public_key(),
                                 serial_number=x509.random_serial_number(), **valid)  # fmt: skip
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    try:
-        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
-    except ValueError:
-        san = x509.DNSName(host)
     server_key = ec.generate_private_key(ec.SECP256R1())
     server_cert = (
         x509.CertificateBuilder(
             issuer_name=ca_name,
-            subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]),
+            subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]),
             public_key=server_key.public_key(),
             serial_number=x509.random_serial_number(),
             **valid,
         )
-        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([subject_name(h) for h in hosts]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from fedapp.deploy.credentials import generate_node_keys
+from fedapp.deploy.credentials import generate_certificates, generate_node_keys, server_hosts, subject_name
 from fedapp.deploy.errors import LaunchError
 from fedapp.deploy.flwr_commands import register_node, write_connection
 from fedapp.deploy.processes import environment
@@ -40,76 +40,6 @@ SERVER_FILES = ("ca.crt", "server.pem", "server.key")
 def node_name(index: int) -> str:
     """File name of SuperNode ``index``'s private key (``.pub``: its public key)."""
     return f"supernode-{index}"
-
-
-LOOPBACK = ("127.0.0.1", "localhost")
-"""Always in the server certificate: the SuperLink's own SuperExec (which runs the
-ServerApp) dials the Runtime API at 127.0.0.1 over the same TLS port."""
-
-
-def _general_name(host: str):  # -> x509.GeneralName
-    import ipaddress
-
-    from cryptography import x509
-
-    try:
-        return x509.IPAddress(ipaddress.ip_address(host))
-    except ValueError:
-        return x509.DNSName(host)
-
-
-def server_hosts(host: str) -> list[str]:
-    """``--host`` (comma-separated) plus the loopback names, without repeats."""
-    hosts = [h.strip() for h in host.split(",") if h.strip()]
-    return list(dict.fromkeys([*hosts, *LOOPBACK]))
-
-
-def generate_server_certificates(directory: Path, hosts: Sequence[str], days: int = 90) -> tuple[Path, Path, Path]:
-    """Like :func:`fedapp.deploy.credentials.generate_certificates`, for several SANs.
-
-    A self-signed CA (``ca.crt``) and a server certificate (``server.pem``, key
-    ``server.key``, mode 0600) naming every entry of ``hosts`` (DNS names or IPs).
-    """
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    valid = {"not_valid_before": now - dt.timedelta(minutes=5), "not_valid_after": now + dt.timedelta(days=days)}
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedapp deployment CA")])
-    ca_cert = (
-        x509.CertificateBuilder(issuer_name=ca_name, subject_name=ca_name, public_key=ca_key.public_key(),
-                                serial_number=x509.random_serial_number(), **valid)  # fmt: skip
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder(
-            issuer_name=ca_name,
-            subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]),
-            public_key=server_key.public_key(),
-            serial_number=x509.random_serial_number(),
-            **valid,
-        )
-        .add_extension(x509.SubjectAlternativeName([_general_name(h) for h in hosts]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    paths = (directory / "ca.crt", directory / "server.pem", directory / "server.key")
-    paths[0].write_bytes(ca_cert.public_bytes(pem))
-    paths[1].write_bytes(server_cert.public_bytes(pem))
-    paths[2].write_bytes(
-        server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    paths[2].chmod(0o600)
-    return paths
 
 
 def certificate_fits(cert_path: Path, hosts: Sequence[str]) -> bool:
@@ -124,7 +54,7 @@ def certificate_fits(cert_path: Path, hosts: Sequence[str]) -> bool:
     except (ValueError, x509.ExtensionNotFound):
         return False
     fresh = cert.not_valid_after_utc > dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)
-    return fresh and all(_general_name(h) in san for h in hosts)
+    return fresh and all(subject_name(h) in san for h in hosts)
 
 
 def create(out: Path, host: str, nodes: int, owner: tuple[int, int] | None = None) -> list[Path]:
@@ -134,7 +64,7 @@ def create(out: Path, host: str, nodes: int, owner: tuple[int, int] | None = Non
     server = [out / name for name in SERVER_FILES]
     hosts = server_hosts(host)
     if not (all(p.is_file() for p in server) and certificate_fits(server[1], hosts)):
-        written += generate_server_certificates(out, hosts)
+        written += generate_certificates(out, hosts, days=90)
     for i in range(nodes):
         private, public = out / node_name(i), out / f"{node_name(i)}.pub"
         if not (private.is_file() and public.is_file()):
@@ -169,9 +99,12 @@ def register(out: Path, superlink: str, nodes: int, timeout_s: float = 120.0) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedapp.deploy.make_credentials", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fedapp.deploy.make_credentials", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--out", default="/credentials", help="folder of the credentials (default /credentials)")
-    parser.add_argument("--host", default="superlink", help="the SuperLink's names as nodes and CLI reach it, comma-separated (SANs; loopback is added)")
+    parser.add_argument("--host", default="superlink",
+                        help="the SuperLink's names as nodes and CLI reach it, comma-separated (SANs; loopback added)")
     parser.add_argument("--nodes", type=int, default=2, help="number of SuperNodes (keys supernode-0 ...)")
     parser.add_argument("--owner", metavar="UID:GID", help="chown the files (when run as root)")
     parser.add_argument("--register", metavar="HOST:PORT",

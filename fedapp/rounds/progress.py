@@ -138,7 +138,7 @@ class RoundProgress:
         self._task = self._bar.add_task(self._description(), total=self._expected)
         # Flower's console handler holds the real stderr; point it at rich's proxy so log lines
         # scroll above the bar instead of tearing it.
-        for handler in logging.getLogger(FLOWER_LOGGER).handlers:
+        for handler in FLOWER_LOGGER.handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 self._handlers.append((handler, handler.stream))
                 handler.setStream(sys.stderr)
