@@ -46,7 +46,7 @@ from fedapp.crypto.protocol import (
     threshold_partial_decrypt,
 )
 from fedapp.datasets import dataset_spec
-from fedapp.faults.mod import make_faults_mod
+from fedapp.faults.mod import InjectedFault, make_faults_mod
 from fedapp.rounds.outcomes import ClientError
 from fedapp.dp_fedsgd import SharedNoisePlan, noisy_gradient_step, plan_shared_noise
 from fedapp.node_policy import pin_to_node
@@ -516,11 +516,22 @@ def make_client_app(cfg: ExperimentConfig | None = None) -> ClientApp:
         return secaggplus_mod(msg, context, call_next)
 
     def label_errors_mod(msg: Message, context: Context, call_next: NextHandler) -> Message:
-        """Tag a ClientApp error with the partition, so the server's failure line names the client."""
+        """Tag a ClientApp error with the partition, so the server's failure line names the client.
+
+        Under client DP an error's text could carry data-dependent values past the release
+        surface, so only its type leaves the node (the full error stays in the node's log).
+        """
         try:
             return call_next(msg, context)
         except Exception as ex:
             who = context.node_config.get("partition-id", "?")
+            try:
+                private = experiment_of(context).privacy.client.enabled
+            except Exception:  # noqa: BLE001 - a config that does not parse is no reason to say more
+                private = True
+            if private and not isinstance(ex, (ConfigError, InjectedFault)):
+                log(WARNING, "Client %s error (only its type is sent under client DP): %s", who, ex)
+                raise ClientError(f"[client {who}] {type(ex).__name__} (details withheld under client DP)") from None
             raise ClientError(f"[client {who}] {type(ex).__name__}: {ex}") from ex
 
     # Outermost first: errors get the client's tag; injected faults act on the wire-level reply; the release surface filters the

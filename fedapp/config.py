@@ -348,13 +348,15 @@ class ValidationConfig:
     bounds it at that many times the round's median update norm (lower median,
     so that one of two clients cannot drag the reference up; 0 = off).
     ``replay_check`` refuses an update identical to one the same client sent
-    before. Where secure aggregation hides single updates the server cannot
+    before. ``max_num_examples`` caps the sample count a client claims: FedAvg
+    weighs by it, so an unbounded claim would let one client replace the mean. Where secure aggregation hides single updates the server cannot
     check them; there the clients' own clip applies.
     """
 
     max_update_norm: float = 1000.0
     relative_norm_bound: float = 10.0
     replay_check: bool = True
+    max_num_examples: int = 100000
 
 
 @dataclass

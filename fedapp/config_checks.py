@@ -118,6 +118,8 @@ def _validate_faults(cfg: ExperimentConfig) -> None:
             f"validation.max_update_norm and validation.relative_norm_bound must be >= 0 (0 = off), "
             f"got {v.max_update_norm}, {v.relative_norm_bound}"
         )
+    if v.max_num_examples < 1:
+        raise ConfigError(f"validation.max_num_examples must be >= 1, got {v.max_num_examples}")
     if 0 < v.relative_norm_bound <= 1:
         raise ConfigError(
             f"validation.relative_norm_bound={v.relative_norm_bound} would refuse half of the honest updates "

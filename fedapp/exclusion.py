@@ -222,7 +222,8 @@ class ClientExclusion(StrategyWrapper):
                 reason = f"excluded in round {stale.round} ({stale.reason_code}) before the run was resumed; update dropped"
                 log(INFO, "Round %s: client %s: %s", server_round, who, reason)
                 if self.recorder:
-                    self.recorder.event("client_excluded", server_round, reason, client=who, reason_code=stale.reason_code)
+                    self.recorder.event("client_excluded", server_round, reason, client=who, reason_code=stale.reason_code,
+                                        node_id=proxy.cid)  # fmt: skip
                 continue
             if res.metrics.get(DECLINED_KEY, 0) not in (1, True):  # any other value (even "yes") is not a decline
                 kept.append((proxy, res))
@@ -232,7 +233,8 @@ class ClientExclusion(StrategyWrapper):
             if self.excluded.add(Exclusion(proxy.cid, who, server_round, code, reason)):
                 log(INFO, "Round %s: client %s declined (%s: %s); excluded from sampling", server_round, who, code, reason)
                 if self.recorder:
-                    self.recorder.event("client_excluded", server_round, reason, client=who, reason_code=code)
+                    self.recorder.event("client_excluded", server_round, reason, client=who, reason_code=code,
+                                        node_id=proxy.cid)  # fmt: skip
         if self.recorder and len(kept) < len(results):
             self.recorder.record(server_round, fit_declined=len(results) - len(kept))
         if not kept:

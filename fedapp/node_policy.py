@@ -12,7 +12,10 @@ client's operator, so it wins:
   must be exactly this one, else the client refuses the run;
 * ``secagg-key-dir`` / ``ledger-dir``: replace the run's values;
 * simulated attacks (``attack.name``) are refused unless ``simulated-attacks=allow``
-  (they exist to evaluate defences in a test federation, never in production).
+  (they exist to evaluate defences in a test federation, never in production);
+* injected faults (``faults.kind``: crash, exit, hang, malformed updates, ...) are
+  refused unless ``fault-injection=allow``: a submitter must not be able to crash
+  or stall another operator's node.
 
 In the simulation engine the experiment is built in-process from the
 researcher's own config and none of this applies.
@@ -33,6 +36,7 @@ PRIVACY_MODE = "privacy-mode"
 KEY_DIR = "secagg-key-dir"
 LEDGER_DIR = "ledger-dir"
 SIMULATED_ATTACKS = "simulated-attacks"
+FAULT_INJECTION = "fault-injection"
 
 
 def pin_to_node(cfg: ExperimentConfig, node_config: Mapping[str, Any]) -> ExperimentConfig:
@@ -50,6 +54,11 @@ def pin_to_node(cfg: ExperimentConfig, node_config: Mapping[str, Any]) -> Experi
         raise ConfigError(
             f"the run makes this node a simulated attacker (attack.name={cfg.attack.name!r}); refused unless the "
             f"node is started with --node-config {SIMULATED_ATTACKS}=allow"
+        )
+    if cfg.faults.kind != "none" and str(node_config.get(FAULT_INJECTION, "")) != "allow":
+        raise ConfigError(
+            f"the run injects faults on this node (faults.kind={cfg.faults.kind!r}); refused unless the node is "
+            f"started with --node-config {FAULT_INJECTION}=allow"
         )
     secagg, client_dp = cfg.secagg, cfg.privacy.client
     if KEY_DIR in node_config:

@@ -307,7 +307,8 @@ class AnomalyQuarantine(StrategyWrapper):
         ranked = sorted((i for i, s in enumerate(scores) if s.flagged), key=lambda i: -scores[i].anomaly)
         dropped = set(ranked[: (len(results) - 1) // 2])
         for i in sorted(dropped):
-            self._event("update_dropped", server_round, f"flagged: {scores[i].reason}", client=labels[i])
+            self._event("update_dropped", server_round, f"flagged: {scores[i].reason}", client=labels[i],
+                        node_id=results[i][0].cid)  # fmt: skip
         return [r for i, r in enumerate(results) if i not in dropped]
 
     def _record_round(self, server_round: int, labels: list[str], flagged: list[str], dropped: int) -> None:

@@ -114,6 +114,11 @@ def run_experiment(grid: Grid, context: Context, cfg: ExperimentConfig) -> dict:
         rows = _train(grid, context, cfg, recorder, durable, progress)
     except BaseException as err:
         line = str(err).splitlines()[0][:500] if isinstance(err, RunFailed) else one_line(f"{type(err).__name__}: {err}")
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):  # stopped from outside: resumable, not failed
+            if durable is not None:
+                durable.finish("interrupted", error=f"interrupted ({type(err).__name__})")
+            progress.end_run("interrupted")
+            raise
         if durable is not None:
             durable.finish("failed", error=line)
         recorder.event("run_failed", 0, line)

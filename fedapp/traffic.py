@@ -39,11 +39,22 @@ _SCALAR_BYTES = 8  # an int/float/bool in a config record, as a rough wire size
 
 def update_nbytes(content: RecordDict) -> int:
     """``nbytes`` of the model update a reply carries: its arrays, or SecAgg+'s masked vector."""
-    # Legacy (NumPyClient) replies carry each array as serialised .npy bytes: decode to get nbytes.
-    total = sum(array.numpy().nbytes for record in content.array_records.values() for array in record.values())
+    # Legacy (NumPyClient) replies carry each array as serialised .npy bytes: decode to get nbytes
+    # (a reply that does not decode counts its raw bytes; validation refuses it later, with the reason).
+    total = 0
+    for record in content.array_records.values():
+        for array in record.values():
+            try:
+                total += array.numpy().nbytes
+            except Exception:  # noqa: BLE001 - a client's malformed bytes must not stop the server
+                total += len(array.data)
     configs = content.config_records.get(RECORD_KEY_CONFIGS)
     if configs is not None and Key.MASKED_PARAMETERS in configs:
-        total += sum(bytes_to_ndarray(b).nbytes for b in configs[Key.MASKED_PARAMETERS])
+        for blob in configs[Key.MASKED_PARAMETERS]:
+            try:
+                total += bytes_to_ndarray(blob).nbytes
+            except Exception:  # noqa: BLE001
+                total += len(blob)
     return total
 
 

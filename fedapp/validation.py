@@ -32,14 +32,28 @@ from fedapp.metrics import RunRecorder
 from fedapp.wrappers import Failures, FitResults, StrategyWrapper, client_label, update_norm
 
 
+MIN_FOR_MEDIAN = 3  # non-zero norms needed before the relative bound applies
+REFERENCE_FLOOR = 0.1  # the reference norm never drops below this fraction of the previous round's
+
+
 class MalformedUpdateError(ValueError):
     """A client's update cannot be aggregated; the message says why."""
 
 
+def decode(parameters: Parameters) -> NDArrays:
+    """The arrays of a reply; anything that does not deserialise is a :class:`MalformedUpdateError`."""
+    try:
+        return parameters_to_ndarrays(parameters)
+    except Exception as err:  # noqa: BLE001 - any decoding failure is the client's, not the server's
+        raise MalformedUpdateError(f"undecodable update ({type(err).__name__}: {str(err)[:120]})") from None
+
+
 def check_update(
-    arrays: list[np.ndarray], expected: list[tuple[int, ...]], num_examples: int, dtypes: list[np.dtype] | None = None
+    arrays: list[np.ndarray], expected: list[tuple[int, ...]], num_examples: int, dtypes: list[np.dtype] | None = None,
+    max_num_examples: int | None = None,
 ) -> None:
-    """Raise :class:`MalformedUpdateError` unless ``arrays`` fit the global model (count, shape, dtype, finite)."""
+    """Raise :class:`MalformedUpdateError` unless ``arrays`` fit the global model (count, shape, dtype, finite)
+    and the claimed sample count is in ``[1, max_num_examples]``."""
     if len(arrays) != len(expected):
         raise MalformedUpdateError(f"expected {len(expected)} arrays, got {len(arrays)}")
     for i, (arr, shape) in enumerate(zip(arrays, expected)):
@@ -53,6 +67,11 @@ def check_update(
             raise MalformedUpdateError(f"array {i} contains NaN or Inf")
     if num_examples <= 0:
         raise MalformedUpdateError(f"num_examples must be > 0, got {num_examples}")
+    if max_num_examples is not None and num_examples > max_num_examples:
+        raise MalformedUpdateError(
+            f"num_examples {num_examples} exceeds validation.max_num_examples={max_num_examples} "
+            "(FedAvg weighs by it: an inflated count would let one update replace the mean)"
+        )
 
 
 def update_digest(arrays: NDArrays) -> str:
@@ -81,7 +100,8 @@ class UpdateValidation(StrategyWrapper):
         self.recorder = recorder
         self.settings = settings if settings is not None else ValidationConfig()
         self._global: NDArrays = []
-        self._seen: dict[str, tuple[int, str]] = {}  # client -> (round, digest) of its last update
+        self._seen: dict[str, tuple[int, str]] = {}  # node id -> (round, digest) of its last update
+        self._reference: float | None = None  # the last round's median update norm (floors the next one)
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -99,13 +119,13 @@ class UpdateValidation(StrategyWrapper):
         for proxy, res in results:
             who = client_label(proxy, res)
             try:
-                arrays = parameters_to_ndarrays(res.parameters)
-                check_update(arrays, shapes, res.num_examples, dtypes)
-                self._check_replay(who, server_round, arrays)
+                arrays = decode(res.parameters)
+                check_update(arrays, shapes, res.num_examples, dtypes, self.settings.max_num_examples)
+                self._check_replay(proxy.cid, server_round, arrays)
                 norm = update_norm(arrays, self._global)
                 self._check_absolute(norm)
-            except (MalformedUpdateError, ValueError) as err:
-                failures.append(self._refuse(server_round, who, str(err)))
+            except MalformedUpdateError as err:
+                failures.append(self._refuse(server_round, proxy, who, str(err)))
                 continue
             well_formed.append((proxy, res, who, norm if norm is not None else 0.0))
         accepted = self._within_relative_bound(server_round, well_formed, failures)
@@ -114,12 +134,12 @@ class UpdateValidation(StrategyWrapper):
             return None, {}
         return super().aggregate_fit(server_round, accepted, failures)
 
-    def _check_replay(self, who: str, server_round: int, arrays: NDArrays) -> None:
+    def _check_replay(self, node: str, server_round: int, arrays: NDArrays) -> None:
         if not self.settings.replay_check:
             return
         digest = update_digest(arrays)
-        previous = self._seen.get(who)
-        self._seen[who] = (server_round, digest)
+        previous = self._seen.get(node)
+        self._seen[node] = (server_round, digest)
         if previous is not None and previous[1] == digest and previous[0] != server_round:
             raise MalformedUpdateError(f"replayed update: byte-identical to its round {previous[0]} update")
 
@@ -131,32 +151,48 @@ class UpdateValidation(StrategyWrapper):
     def _within_relative_bound(
         self, server_round: int, candidates: list[tuple[ClientProxy, object, str, float]], failures: Failures
     ) -> FitResults:
+        """Refuse norms above ``relative_norm_bound`` x the round's reference norm.
+
+        The reference is the lower median of the non-zero norms, needs three of them
+        (with two, neither can be told from the outlier: the absolute bound applies),
+        and is floored at a tenth of the previous round's, so that colluders sending
+        tiny updates cannot pull it down far enough to refuse the honest ones.
+        """
         factor = self.settings.relative_norm_bound
-        if factor <= 0 or len(candidates) < 2:
+        norms = [norm for *_, norm in candidates if norm > 0]
+        if factor <= 0 or len(norms) < MIN_FOR_MEDIAN:
             return [(proxy, res) for proxy, res, _, _ in candidates]  # type: ignore[misc]
-        reference = statistics.median_low([norm for *_, norm in candidates])
+        reference = statistics.median_low(norms)
+        if self._reference is not None:
+            reference = max(reference, REFERENCE_FLOOR * self._reference)
         kept: FitResults = []
+        accepted: list[float] = []
         for proxy, res, who, norm in candidates:
-            if reference > 0 and norm > factor * reference:
+            if norm > factor * reference:
                 failures.append(self._refuse(
-                    server_round, who,
+                    server_round, proxy, who,
                     f"update norm {norm:.4g} is {norm / reference:.1f}x the round's median {reference:.4g} "
                     f"(validation.relative_norm_bound={factor:g})",
                 ))  # fmt: skip
                 continue
             kept.append((proxy, res))  # type: ignore[arg-type]
+            accepted.append(norm)
+        if accepted:
+            self._reference = statistics.median_low(accepted)
         return kept
 
-    def _refuse(self, server_round: int, who: str, reason: str) -> MalformedUpdateError:
+    def _refuse(self, server_round: int, proxy: ClientProxy, who: str, reason: str) -> MalformedUpdateError:
         log(WARNING, "Round %s: refused update from client %s: %s", server_round, who, reason)
         if self.recorder:
-            self.recorder.event("update_rejected", server_round, reason, client=who)
+            self.recorder.event("update_rejected", server_round, reason, client=who, node_id=proxy.cid)
         return MalformedUpdateError(f"client {who}: {reason}")
 
     def state_dict(self) -> dict[str, object]:
-        """The digests of each client's last update (a resumed run still recognises a replay)."""
-        return {"seen": {who: [r, d] for who, (r, d) in self._seen.items()}}
+        """The digests of each node's last update and the last reference norm (a resumed run keeps both)."""
+        return {"seen": {node: [r, d] for node, (r, d) in self._seen.items()}, "reference": self._reference}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         seen = state.get("seen", {})
-        self._seen = {str(who): (int(v[0]), str(v[1])) for who, v in seen.items()}  # type: ignore[union-attr]
+        self._seen = {str(node): (int(v[0]), str(v[1])) for node, v in seen.items()}  # type: ignore[union-attr]
+        reference = state.get("reference")
+        self._reference = None if reference is None else float(reference)  # type: ignore[arg-type]

@@ -29,6 +29,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedapp.metrics import RunRecorder
+from fedapp.rounds.outcomes import LABEL
 
 if TYPE_CHECKING:
     from fedapp.rounds.workflow import FitRound
@@ -105,8 +106,11 @@ _RECORD_KEYS = frozenset({"round", "client", "num_examples", "update_norm", "lin
 
 
 def client_label(proxy: ClientProxy, res: FitRes | EvaluateRes | None = None) -> str:
-    """The client's partition id when it reported one, else its node id."""
-    if res is not None and CLIENT_ID_KEY in res.metrics:
+    """The client's partition id when it reported a plausible one (``[\\w.-]{1,40}``), else its node id.
+
+    The id is the client's own claim: it names the client in records, never decides anything.
+    """
+    if res is not None and CLIENT_ID_KEY in res.metrics and LABEL.match(str(res.metrics[CLIENT_ID_KEY])):
         return str(res.metrics[CLIENT_ID_KEY])
     return f"node-{proxy.cid}"
 
@@ -135,7 +139,10 @@ class MetricsRecording(StrategyWrapper):
         # (what a resumed run is checked against).
         results = sorted(results, key=lambda r: _order_key(client_label(*r)))
         for proxy, res in results:
-            norm = update_norm(parameters_to_ndarrays(res.parameters), self._global)
+            try:
+                norm = update_norm(parameters_to_ndarrays(res.parameters), self._global)
+            except Exception:  # noqa: BLE001 - undecodable: validation refuses it with the reason
+                norm = None
             extra = {} if norm is None else {"update_norm": norm}
             reported = {k: v for k, v in res.metrics.items() if k not in _RECORD_KEYS}
             self.recorder.client(

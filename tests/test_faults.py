@@ -400,3 +400,128 @@ def test_the_terminal_bar_advances_with_every_reply_and_restores_the_log_handler
     assert [h.stream for h in handlers] == before
     kinds = [r["kind"] for r in read_jsonl(tmp_path / "progress.jsonl")]
     assert kinds == ["start", "reply", "reply", "reply", "round", "end"]
+
+
+# ---- what a hostile client tries (review findings) ----------------------------------------------------------
+class RewritingGrid(ThreadGrid):
+    """Rewrites partition 2's replies on the wire: ``mode`` is ``garbage`` (undecodable arrays) or ``spoof``
+    (it claims to be partition 1)."""
+
+    mode = "garbage"
+
+    def _handle(self, msg):  # noqa: ANN001, ANN202 - ThreadGrid's
+        from flwr.app import Array, ArrayRecord
+
+        reply = super()._handle(msg)
+        if reply is None or not reply.has_content() or msg.metadata.dst_node_id != self.node_ids[2]:
+            return reply
+        if self.mode == "garbage":
+            reply.content.array_records["fitres.parameters"] = ArrayRecord(
+                {"0": Array(dtype="float32", shape=(10**9,), stype="numpy.ndarray", data=b"\x93NUMPY garbage")}
+            )
+        else:
+            reply.content.config_records["fitres.metrics"]["partition_id"] = 1
+        return reply
+
+
+def test_an_undecodable_reply_is_refused_and_the_run_goes_on(tmp_path: Path) -> None:
+    RewritingGrid.mode = "garbage"
+    run = Run(experiment(tmp_path), RewritingGrid)
+    assert run.error is None
+    assert (run.rows[1]["fit_trained"], run.rows[1]["fit_refused"]) == (3, 1)
+    [refusal] = [e for e in run.failures("update_rejected") if e["round"] == 1]
+    assert refusal["reason"].startswith("undecodable update") and refusal["client"] == "2"
+
+
+def test_a_client_claiming_another_partition_cannot_move_its_refusal_onto_it(tmp_path: Path) -> None:
+    RewritingGrid.mode = "spoof"
+    cfg = experiment(tmp_path, faults={"kind": "malformed", "clients": "2", "malformation": "nan"})
+    run = Run(cfg, RewritingGrid)
+    for r in (1, 2):
+        assert (run.rows[r]["fit_trained"], run.rows[r]["fit_refused"], run.rows[r]["fit_sampled"]) == (3, 1, 4)
+    refusals = run.failures("update_rejected")
+    assert {str(e["node_id"]) for e in refusals} == {"1002"}  # partition 2's node, whatever it claims
+
+
+def test_an_inflated_sample_count_is_refused() -> None:
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.server.strategy import FedAvg
+
+    from fedapp.metrics import RunRecorder
+    from fedapp.validation import UpdateValidation
+
+    model = [np.zeros((2, 2), np.float32)]
+    strategy = UpdateValidation(FedAvg(), RunRecorder(Path(os.environ.get("TMPDIR", "/tmp")) / "inflated"))
+    strategy._global = model
+    proxies = [_Proxy(str(i)) for i in range(4)]
+    honest = [(p, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([model[0] + 0.1]), 100, {})) for p in proxies[:3]]
+    greedy = (proxies[3], FitRes(Status(Code.OK, ""), ndarrays_to_parameters([model[0] + 0.5]), 2**62, {}))
+    params, _ = strategy.aggregate_fit(1, [*honest, greedy], [])
+    from flwr.common import parameters_to_ndarrays
+
+    assert np.allclose(parameters_to_ndarrays(params)[0], 0.1)  # the mean of the honest three
+
+
+def test_colluders_sending_tiny_updates_cannot_get_honest_ones_refused() -> None:
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    from fedapp.metrics import RunRecorder
+    from fedapp.validation import UpdateValidation
+
+    model = [np.zeros(100, np.float32)]
+    strategy = UpdateValidation(_NoAggregation(), RunRecorder(Path(os.environ.get("TMPDIR", "/tmp")) / "tiny"))
+    strategy._global = model
+    proxies = [_Proxy(str(i)) for i in range(5)]
+
+    def reply(p: Any, scale: float) -> tuple[Any, FitRes]:
+        return p, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.full(100, scale, np.float32)]), 10, {})
+
+    strategy.aggregate_fit(1, [reply(p, 0.1 + 0.01 * i) for i, p in enumerate(proxies)], [])  # an honest round
+    kept = strategy.aggregate_fit(2, [reply(proxies[0], 0.105), reply(proxies[1], 0.12),
+                                      *(reply(p, 1e-7) for p in proxies[2:])], [])  # fmt: skip
+    assert {p.cid for p, _ in kept} >= {"0", "1"}  # the reference is floored at a tenth of round 1's
+
+
+def test_injected_faults_need_the_nodes_consent() -> None:
+    from fedapp.node_policy import FAULT_INJECTION, pin_to_node
+
+    cfg = ExperimentConfig.from_dict({"faults": {"kind": "hang", "clients": "0"}, "partition": {"num_clients": 2}})
+    with pytest.raises(ConfigError, match=f"{FAULT_INJECTION}=allow"):
+        pin_to_node(cfg, {"partition-id": 0})
+    assert pin_to_node(cfg, {"partition-id": 0, FAULT_INJECTION: "allow"}).faults.kind == "hang"
+
+
+def test_client_text_cannot_drive_the_operators_terminal() -> None:
+    line = one_line("ValueError: boom\x1b]0;owned\x07\x1b[2J\x08'>")
+    assert line == "ValueError: boom]0;owned" and not any(ord(c) < 32 for c in line)
+
+
+def test_under_client_dp_an_error_leaves_the_node_as_its_type_only(tmp_path: Path) -> None:
+    from flwr.common import FitIns, Message, MessageType, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    cfg = experiment(tmp_path, privacy={"client": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": 0.0,
+                                                   "sample_rate": 0.1}})  # fmt: skip
+    grid = ThreadGrid(cfg, make_client_app(cfg))
+    wrong = [np.full((3, 3), 7.25, np.float32)]  # not the model: loading it fails with the values in the message
+    msg = Message(content=compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(wrong), {"server_round": 1}), True),
+                  dst_node_id=grid.node_ids[0], message_type=MessageType.TRAIN, group_id="1")  # fmt: skip
+    msg.metadata.__dict__["_message_id"] = "m1"
+    reply = grid._handle(msg)
+    grid.close()
+    assert reply is not None and reply.has_error()
+    assert "details withheld under client DP" in reply.error.reason and "[client 0]" in reply.error.reason
+    assert "expected 8 weight arrays" not in reply.error.reason and "got 1" not in reply.error.reason
+
+
+class _Proxy:
+    def __init__(self, cid: str) -> None:
+        self.cid = cid
+        self.node_id = int(cid)
+
+
+class _NoAggregation:
+    """A base strategy that hands back what reached it (to see what validation kept)."""
+
+    def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
+        return results

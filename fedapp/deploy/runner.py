@@ -63,6 +63,8 @@ def run_in_processes(cfg: ExperimentConfig, *, node_auth: bool = False) -> dict[
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)  # never return a previous run's summary
+    if not cfg.store.resume:  # never follow (or act on) a previous run's progress
+        (out / PROGRESS_FILE).unlink(missing_ok=True)
     run_config = write_run_config_toml(cfg, out / "run_config.toml")
 
     deadline = time.monotonic() + cfg.runtime.timeout_s
@@ -181,7 +183,7 @@ def _start_federation(
 
 def node_config(cfg: ExperimentConfig, partition_id: int) -> str:
     """What the operator pins on SuperNode ``partition_id`` (:mod:`fedapp.node_policy`): the run cannot weaken it."""
-    from fedapp.node_policy import KEY_DIR, LEDGER_DIR, PRIVACY_MODE, SIMULATED_ATTACKS
+    from fedapp.node_policy import FAULT_INJECTION, KEY_DIR, LEDGER_DIR, PRIVACY_MODE, SIMULATED_ATTACKS
     from fedapp.release import privacy_mode
 
     pins = [f"partition-id={partition_id}", f"num-partitions={cfg.partition.num_clients}",
@@ -192,6 +194,8 @@ def node_config(cfg: ExperimentConfig, partition_id: int) -> str:
         pins.append(f'{LEDGER_DIR}="{Path(cfg.privacy.client.ledger_dir).resolve()}"')
     if cfg.attack.name != "none":  # the launcher runs a test federation: its own simulated attackers are allowed
         pins.append(f'{SIMULATED_ATTACKS}="allow"')
+    if cfg.faults.kind != "none":  # ... and its own injected faults
+        pins.append(f'{FAULT_INJECTION}="allow"')
     return " ".join(pins)
 
 

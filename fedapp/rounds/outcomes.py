@@ -47,6 +47,13 @@ class RunFailed(RuntimeError):
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # what is left of other escapes (OSC, ...) after _ANSI
+LABEL = re.compile(r"^[\w.-]{1,40}$")  # what a client may call itself in logs, events and progress lines
+
+
+def clean_text(text: str) -> str:
+    """A client's text made safe for an operator's terminal: no escape sequences, no control characters."""
+    return _CONTROL.sub("", _ANSI.sub("", text))
 
 
 class ClientError(RuntimeError):
@@ -63,7 +70,7 @@ _CLIENT_TAG = re.compile(r"\[client ([\w.-]{1,40})\] (.+)$", re.M)
 
 def tagged(text: str) -> tuple[str | None, str]:
     """(client label, reason) from a tagged client error; (None, text) when untagged."""
-    match = _CLIENT_TAG.search(_ANSI.sub("", text))
+    match = _CLIENT_TAG.search(clean_text(text))
     return (match[1], match[2].strip()) if match else (None, text)
 
 
@@ -92,7 +99,7 @@ def one_line(text: str) -> str:
     A torch ``load_state_dict`` size mismatch becomes ``model mismatch (conv1.weight
     [6,1,5,5] vs [32,1,5,5])``: the server's shape first, then the client's.
     """
-    clean = _ANSI.sub("", text).strip()
+    clean = clean_text(text).strip()
     mismatch = _TORCH_MISMATCH.search(clean)
     if mismatch:
         server, client = (s.replace(" ", "") for s in mismatch.group(2, 3))
@@ -109,6 +116,8 @@ def one_line(text: str) -> str:
             break
     if not chosen:
         chosen = lines[-1] if lines else "no reason given"
+    if chosen.endswith("'>"):  # Flower's deployed runtime wraps str(ex) as <'...'>
+        chosen = chosen[:-2]
     return chosen if len(chosen) <= MAX_REASON else chosen[: MAX_REASON - 3] + "..."
 
 
@@ -127,27 +136,35 @@ def classify_error(error: Error) -> tuple[Outcome, str]:
 
 @dataclass
 class RoundTally:
-    """Outcome of every sampled client of every round (client label -> outcome, reason)."""
+    """Outcome of every sampled client of every round.
 
-    rounds: dict[int, dict[str, tuple[Outcome, str]]] = field(default_factory=dict)
+    Entries are keyed by the node (``node-<id>``, assigned by the SuperLink), never by
+    the partition id a client claims: two nodes claiming one id stay two entries, and a
+    node cannot move its failures onto another's name. The claimed id is kept as the
+    entry's display label only.
+    """
+
+    rounds: dict[int, dict[str, tuple[Outcome, str, str]]] = field(default_factory=dict)
     sampled: dict[int, int] = field(default_factory=dict)
 
     def begin(self, server_round: int, sampled: int) -> None:
         self.rounds[server_round] = {}
         self.sampled[server_round] = sampled
 
-    def set(self, server_round: int, client: str, outcome: Outcome, reason: str = "") -> None:
-        """Record (or correct: a trained reply refused later) one client's outcome."""
-        self.rounds.setdefault(server_round, {})[client] = (outcome, reason)
+    def set(self, server_round: int, key: str, outcome: Outcome, reason: str = "", label: str | None = None) -> None:
+        """Record (or correct: a trained reply refused later) one node's outcome; ``label`` names it in lines."""
+        entries = self.rounds.setdefault(server_round, {})
+        shown = label if label is not None else entries.get(key, (None, "", key))[2]
+        entries[key] = (outcome, reason, shown)
 
     def counts(self, server_round: int) -> dict[Outcome, int]:
-        got = Counter(outcome for outcome, _ in self.rounds.get(server_round, {}).values())
+        got = Counter(outcome for outcome, _, _ in self.rounds.get(server_round, {}).values())
         return {outcome: got.get(outcome, 0) for outcome in Outcome}
 
     def faults(self, server_round: int) -> list[tuple[str, Outcome, str]]:
-        """(client, outcome, reason) of every client that brought no update, in client order."""
-        entries = self.rounds.get(server_round, {})
-        return [(c, o, r) for c, (o, r) in sorted(entries.items()) if o in FAULTS]
+        """(label, outcome, reason) of every client that brought no update, in label order."""
+        entries = self.rounds.get(server_round, {}).values()
+        return sorted((label, o, r) for o, r, label in entries if o in FAULTS)
 
     def row(self, server_round: int) -> dict[str, int]:
         """The round's counts as metric columns (``fit_trained``, ``fit_failed``, ...)."""

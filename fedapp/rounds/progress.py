@@ -161,8 +161,12 @@ class ProgressReader:
         self._offset = 0
 
     def new_records(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
+        try:
+            size = self.path.stat().st_size
+        except OSError:
             return []
+        if size < self._offset:  # a new run started the file afresh
+            self._offset = 0
         with self.path.open("rb") as fh:
             fh.seek(self._offset)
             chunk = fh.read()

@@ -40,12 +40,26 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 
 from fedapp.config import ExperimentConfig
 from fedapp.metrics import RunRecorder
-from fedapp.rounds.outcomes import ClientFailure, Outcome, RoundTally, RunFailed, classify_error, one_line, tagged
+from fedapp.rounds.outcomes import LABEL, ClientFailure, Outcome, RoundTally, RunFailed, classify_error, one_line, tagged
 from fedapp.rounds.progress import RoundProgress, round_summary
 from fedapp.wrappers import CLIENT_ID_KEY
 
 PULL_INTERVAL_S = 0.2
+TTL_MARGIN_S = 30.0  # an instruction outlives the round deadline by this much, then expires
 WAIT_REPORT_S = 60.0
+
+def node_key(node: int | str) -> str:
+    """The tally's key for a node: assigned by the SuperLink, not claimed by the client."""
+    return f"node-{node}"
+
+
+def training_ended(strategy: object) -> bool:
+    """Whether the strategy's client exclusion has ended training (too few clients may still train)."""
+    from fedapp.exclusion import ClientExclusion
+    from fedapp.store.state import strategy_chain
+
+    return any(isinstance(m, ClientExclusion) and m.ended_in_round is not None for m in strategy_chain(strategy))
+
 
 # recorder events by which the strategy's wrappers say what became of a reply
 REFUSAL_EVENTS = frozenset({"update_rejected", "ciphertext_rejected", "update_dropped"})
@@ -71,18 +85,29 @@ class FitRound:
         self.failed_rounds = 0
         self._labels: dict[int, str] = {}  # node id -> partition id, learnt from replies
         self._round = 0
+        self._resumed_count = False
         recorder.listeners.append(self._on_event)
+        if cfg.strategy.round_timeout_s == 0 and inner is None:
+            log(WARNING, "No round deadline (strategy.round_timeout_s=0): a client that hangs while its node stays "
+                "connected stalls the run; set one for deployments")  # fmt: skip
 
     # ---- the step -----------------------------------------------------------------------------
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
         config = context.state.config_records[MAIN_CONFIGS_RECORD]
         server_round = cast(int, config[Key.CURRENT_ROUND])
         self._round = server_round
+        if not self._resumed_count:  # a resumed run's earlier failed rounds still count against the tolerance
+            self._resumed_count = True
+            self.failed_rounds = sum(1 for r, row in self.recorder.rows.items() if r < server_round and row.get("round_failed"))
         self.wait_for_nodes(context.client_manager, server_round)
         if self.inner is not None:
             self.tally.begin(server_round, 0)
             self.progress.start_round(server_round, context.client_manager.num_available())
             self.inner(grid, context)
+            if not self.tally.sampled.get(server_round):  # the SecAgg+ stages halted before aggregate_fit
+                self.tally.sampled[server_round] = 1
+                self.tally.set(server_round, "secaggplus", Outcome.FAILED,
+                               "secure aggregation halted: too few clients completed the SecAgg+ stages", "all")  # fmt: skip
             self._close(server_round, self._current_model(context))
             return
         parameters = compat.arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
@@ -90,17 +115,29 @@ class FitRound:
             server_round=server_round, parameters=parameters, client_manager=context.client_manager
         )
         if not instructions:
-            log(INFO, "Round %s: no clients selected; no training this round", server_round)
+            if training_ended(context.strategy):  # every remaining client declined (e.g. budgets spent): by design
+                log(INFO, "Round %s: no clients selected; no training this round", server_round)
+                return
+            self.tally.begin(server_round, 1)
+            self.tally.set(server_round, "sampling", Outcome.FAILED,
+                           f"no clients could be sampled ({context.client_manager.num_available()} available, "
+                           f"strategy.min_fit_clients={self.cfg.strategy.min_fit_clients})", "none")  # fmt: skip
+            self._close(server_round, None, aggregated=False)
             return
         self.tally.begin(server_round, len(instructions))
         self.progress.start_round(server_round, len(instructions))
         proxies = {proxy.node_id: proxy for proxy, _ in instructions}
+        # With a deadline, an instruction expires soon after it: a node that comes back late must not
+        # train (and spend privacy budget) for a round the server has closed.
+        timeout = self.cfg.strategy.round_timeout_s
+        ttl = timeout + TTL_MARGIN_S if timeout > 0 else None
         messages = [
             Message(
                 content=compat.fitins_to_recorddict(fitins, True),
                 dst_node_id=proxy.node_id,
                 message_type=MessageType.TRAIN,
                 group_id=str(server_round),
+                ttl=ttl,
             )
             for proxy, fitins in instructions
         ]
@@ -113,12 +150,13 @@ class FitRound:
         if aggregated is not None:
             context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(aggregated, True)
             context.history.add_metrics_distributed_fit(server_round=server_round, metrics=metrics)
-        self._close(server_round, None if aggregated is None else parameters_to_ndarrays(aggregated))
+        self._close(server_round, None if aggregated is None else parameters_to_ndarrays(aggregated),
+                    aggregated=aggregated is not None)  # fmt: skip
 
     # ---- nodes ----------------------------------------------------------------------------------
     def wait_for_nodes(self, client_manager: ClientManager, server_round: int) -> None:
         """Return once ``min_available_clients`` nodes are connected; :class:`RunFailed` after ``node_wait_s``."""
-        need = self.cfg.strategy.min_available_clients
+        need = max(self.cfg.strategy.min_available_clients, self.cfg.strategy.min_fit_clients)
         have = client_manager.num_available()
         if have >= need:
             return
@@ -171,19 +209,22 @@ class FitRound:
         for msg in replies:
             node = msg.metadata.src_node_id
             label = self._label(node, msg)
-            if label in self.tally.rounds.get(server_round, {}):  # a label is the client's claim: never merge two nodes
-                label = f"node-{node}"
             if msg.has_content():
-                fitres = compat.recorddict_to_fitres(msg.content, False)
+                try:
+                    fitres = compat.recorddict_to_fitres(msg.content, False)
+                except Exception as err:  # noqa: BLE001 - a reply that does not decode is the client's fault
+                    failures.append(self._fail(server_round, node, label, Outcome.REFUSED,
+                                               f"undecodable reply ({type(err).__name__}: {str(err)[:120]})"))  # fmt: skip
+                    continue
                 if fitres.status.code == Code.OK and node in proxies:
-                    self.tally.set(server_round, label, Outcome.TRAINED)
+                    self.tally.set(server_round, node_key(node), Outcome.TRAINED, label=label)
                     results.append((proxies[node], fitres))
                     continue
                 outcome, reason = Outcome.FAILED, one_line(fitres.status.message or "client reported an error status")
             else:
                 outcome, reason = classify_error(msg.error)
                 log(DEBUG, "Round %s: client %s error in full:\n%s", server_round, label, msg.error.reason)
-            failures.append(self._fail(server_round, label, outcome, reason, node))
+            failures.append(self._fail(server_round, node, label, outcome, reason))
         return results, failures
 
     def _missing(
@@ -196,31 +237,35 @@ class FitRound:
         for node in missing.values():
             label = self._label(node, None)
             if node in connected:
-                failure = self._fail(server_round, label, Outcome.TIMED_OUT,
+                failure = self._fail(server_round, node, label, Outcome.TIMED_OUT,
                                      f"no reply within the round deadline (strategy.round_timeout_s={timeout:g}); "
-                                     "a late reply is dropped", node)  # fmt: skip
+                                     "a late reply is dropped")  # fmt: skip
             else:
-                failure = self._fail(server_round, label, Outcome.NODE_LOST,
-                                     "node disconnected during the round (no reply)", node)  # fmt: skip
+                failure = self._fail(server_round, node, label, Outcome.NODE_LOST,
+                                     "node disconnected during the round (no reply)")  # fmt: skip
             failures.append(failure)
 
-    def _fail(self, server_round: int, label: str, outcome: Outcome, reason: str, node: int | None) -> ClientFailure:
-        self.tally.set(server_round, label, outcome, reason)
+    def _fail(self, server_round: int, node: int, label: str, outcome: Outcome, reason: str) -> ClientFailure:
+        self.tally.set(server_round, node_key(node), outcome, reason, label=label)
         self.recorder.event("client_failure", server_round, reason, client=label, outcome=outcome.value, node_id=node)
         log(WARNING, "Round %s: client %s %s: %s", server_round, label, outcome.value.replace("_", " "), reason)
         return ClientFailure(label, outcome, reason, node)
 
     def _label(self, node: int, msg: Message | None) -> str:
-        """The client's partition id as it last reported it (in its metrics, or its error's tag), else the node id."""
+        """The client's partition id as it last reported it (in its metrics, or its error's tag), else the node id.
+
+        A label is the client's claim, for display: the tally is keyed by node.
+        """
+        claimed: str | None = None
         if msg is not None and msg.has_content():
             metrics = msg.content.config_records.get("fitres.metrics")
             if metrics is not None and CLIENT_ID_KEY in metrics:
-                self._labels[node] = str(metrics[CLIENT_ID_KEY])
+                claimed = str(metrics[CLIENT_ID_KEY])
         elif msg is not None and node not in self._labels:
             claimed, _ = tagged(msg.error.reason or "")
-            if claimed is not None:
-                self._labels[node] = claimed
-        return self._labels.get(node, f"node-{node}")
+        if claimed is not None and LABEL.match(claimed):
+            self._labels[node] = claimed
+        return self._labels.get(node, node_key(node))
 
     @staticmethod
     def _reply_outcome(msg: Message) -> str:
@@ -231,22 +276,22 @@ class FitRound:
     # ---- wrappers' verdicts -------------------------------------------------------------------------
     def _on_event(self, record: dict) -> None:
         """Refusals and declines that the strategy's wrappers decide, as they record them."""
-        kind, client = record.get("kind"), record.get("client")
-        if client is None or record.get("round") != self._round:
+        kind, node = record.get("kind"), record.get("node_id")
+        if node is None or record.get("round") != self._round or kind not in REFUSAL_EVENTS | DECLINE_EVENTS:
             return
+        key = node_key(node)
         if kind in REFUSAL_EVENTS:
-            self.tally.set(self._round, str(client), Outcome.REFUSED, one_line(str(record.get("reason", ""))))
-        elif kind in DECLINE_EVENTS:
-            self.tally.set(self._round, str(client), Outcome.DECLINED, str(record.get("reason_code", "")))
+            self.tally.set(self._round, key, Outcome.REFUSED, one_line(str(record.get("reason", ""))))
+        else:
+            self.tally.set(self._round, key, Outcome.DECLINED, str(record.get("reason_code", "")))
 
     def note_results(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list) -> None:
         """Where another fit workflow (SecAgg+) ran the round: account for what the strategy was handed."""
         if self.inner is None or self.tally.sampled.get(server_round):
             return
         self.tally.sampled[server_round] = len(results) + len(failures)
-        for proxy, res in results:
-            label = str(res.metrics.get(CLIENT_ID_KEY, f"node-{proxy.node_id}"))
-            self.tally.set(server_round, label, Outcome.TRAINED)
+        for proxy, _ in results:
+            self.tally.set(server_round, node_key(proxy.node_id), Outcome.TRAINED)
         for i, failure in enumerate(failures):
             reason = one_line(str(failure if isinstance(failure, BaseException) else failure[1].status.message))
             self.tally.set(server_round, f"unknown-{i}", Outcome.FAILED, reason)
@@ -257,8 +302,12 @@ class FitRound:
         record = context.state.array_records[MAIN_PARAMS_RECORD]
         return parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
 
-    def _close(self, server_round: int, model: list[np.ndarray] | None) -> None:
-        """Counts into the round row; a non-finite model or too many failed rounds stop the run."""
+    def _close(self, server_round: int, model: list[np.ndarray] | None, *, aggregated: bool = True) -> None:
+        """Counts into the round row; a non-finite model or too many failed rounds stop the run.
+
+        A round is failed when faults left fewer than ``min_fit_clients`` updates, or when
+        nothing was aggregated and not every sampled client declined.
+        """
         row = self.tally.row(server_round)
         self.recorder.record(server_round, **row)
         if model is not None:
@@ -270,7 +319,10 @@ class FitRound:
                     )
         counts = self.tally.counts(server_round)
         faults = row["fit_failures"]
-        if counts[Outcome.TRAINED] < self.cfg.strategy.min_fit_clients and faults:
+        all_declined = counts[Outcome.DECLINED] == row["fit_sampled"] > 0
+        if (counts[Outcome.TRAINED] < self.cfg.strategy.min_fit_clients and faults) or (
+            not aggregated and not all_declined
+        ):
             self.failed_rounds += 1
             line = f"round {server_round}: {self.tally.line(server_round)}"
             tolerance = self.cfg.strategy.max_failed_rounds
