@@ -108,7 +108,7 @@ def simulation_scenarios(work: Path, names: list[str], quick: bool) -> dict[str,
         fit_times = [t for t in per_round(baseline, "fit_time_s").values() if t is not None]
         warm = fit_times[1:] or fit_times  # round 1 also starts the Ray actors
         deadline = round(2.0 * statistics.median(warm), 1)
-        slow = fedapp_run([*base, "faults.kind=straggler", f"faults.clients={STRAGGLERS if not quick else '1'}",
+        slow = fedapp_run([*base, "faults.kind=straggler", f"faults.clients='{STRAGGLERS if not quick else '1'}'",
                            "faults.slowdown=10", f"strategy.round_timeout_s={deadline}"],
                           work / "stragglers", work / "stragglers.log")  # fmt: skip
         fits = [t for t in per_round(slow, "fit_time_s").values() if t is not None]
@@ -124,6 +124,13 @@ def simulation_scenarios(work: Path, names: list[str], quick: bool) -> dict[str,
             else round(100 * (accuracy(baseline) - accuracy(slow)), 3),
         }
     return out
+
+
+def time_lost(times: dict[int, float], rows: dict[int, dict[str, Any]]) -> tuple[float | None, dict[int, float]]:
+    """Each round's time minus the median time of the rounds that lost no client (no node lost or timed out)."""
+    clean = [t for r, t in times.items() if t and not (rows.get(r, {}).get("fit_node_lost") or rows.get(r, {}).get("fit_timed_out"))]
+    median = statistics.median(clean) if clean else None
+    return median, {r: round(t - median, 1) for r, t in times.items() if t and median is not None}
 
 
 def ratio(run: dict[str, Any], baseline: dict[str, Any]) -> float | None:
@@ -160,10 +167,8 @@ def nodes_scenario(work: Path, quick: bool) -> dict[str, Any]:
         overrides += ["dataset.name=synthetic_mnist", "num_rounds=6"]
     run = fedapp_run(overrides, work / "nodes", work / "nodes.log", timeout=3600)
     times = per_round(run, "round_time_s")
-    affected = {2, 3, 4, 5, 6}  # the kill lands mid-round 2; the node may still be listed in 3; it rejoins for 6
-    steady = [t for r, t in times.items() if r not in affected and t] or [t for t in times.values() if t]
-    median = statistics.median(steady) if steady else None
-    excess = {r: round(t - median, 1) for r, t in times.items() if t and median is not None}
+    outcomes = {r["round"]: r for r in run["rows"] if r["round"] > 0}
+    median, excess = time_lost(times, outcomes)
     eps: dict[str, list[tuple[int, float]]] = {}
     for line in run["clients"]:
         if line.get("epsilon") is not None and not line.get("declined"):
@@ -179,7 +184,7 @@ def nodes_scenario(work: Path, quick: bool) -> dict[str, Any]:
         "round_time_s": times,
         "median_unaffected_round_s": median,
         "excess_over_median_s": excess,
-        "max_excess_s": max(excess.values()) if excess else None,
+        "max_excess_s": affected_excess(excess, outcomes),
         "per_round_outcomes": {r["round"]: {k: r.get(k) for k in ("fit_sampled", "fit_trained", "fit_node_lost",
                                                                   "fit_timed_out", "fit_failed")}
                                for r in run["rows"] if r["round"] > 0},  # fmt: skip
@@ -192,6 +197,31 @@ def nodes_scenario(work: Path, quick: bool) -> dict[str, Any]:
 
 
 # ---- malformed-update fuzz (in-process, the server's strategy stack) --------------------------------------
+def broken_parameters(kind: str, reference: list[np.ndarray], rng: np.random.Generator):  # -> Parameters
+    """A malformed update as it arrives: ``malform``'s arrays, or (``bytes``) serialised arrays that do not decode."""
+    from flwr.common import ndarrays_to_parameters
+
+    from fedapp.faults import malform
+
+    honest = [w + np.float32(0.01) for w in reference]
+    if kind != "bytes":
+        return ndarrays_to_parameters(malform(kind, reference, honest, rng))
+    params = ndarrays_to_parameters(honest)
+    i = int(rng.integers(len(params.tensors)))
+    blob = bytearray(params.tensors[i])
+    variant = int(rng.integers(3))
+    if variant == 0:  # truncated
+        blob = blob[: int(rng.integers(0, len(blob)))]
+    elif variant == 1:  # random bytes, .npy magic kept
+        blob[8:] = rng.integers(0, 256, len(blob) - 8, dtype=np.uint8).tobytes()
+    else:  # a header that claims a huge shape
+        blob = bytearray(b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (4000000000,), }"
+                         + b" " * 40 + b"\n" + bytes(16))  # fmt: skip
+    params.tensors[i] = bytes(blob)
+    return params
+
+
+
 def fuzz_scenario(seeds: int) -> dict[str, Any]:
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server.client_proxy import ClientProxy
@@ -199,7 +229,7 @@ def fuzz_scenario(seeds: int) -> dict[str, Any]:
 
     from fedapp.components import new_model
     from fedapp.config import ExperimentConfig
-    from fedapp.faults import MALFORMATIONS, malform
+    from fedapp.faults import MALFORMATIONS
     from fedapp.metrics import RunRecorder
     from fedapp.strategies import build_strategy
     from fedapp.training import get_weights
@@ -219,10 +249,10 @@ def fuzz_scenario(seeds: int) -> dict[str, Any]:
     crashes: list[str] = []
     honest_ok = 0
     total = 0
-    for kind in MALFORMATIONS:
+    for kind in (*MALFORMATIONS, "bytes"):
         stats = {"cases": 0, "refused_with_reason": 0, "server_exceptions": 0, "honest_aggregate_exact": 0}
         for seed in range(seeds):
-            rng = np.random.default_rng([seed, MALFORMATIONS.index(kind)])
+            rng = np.random.default_rng([seed, (*MALFORMATIONS, "bytes").index(kind)])
             recorder = RunRecorder(tmp / f"{kind}-{seed}")
             strategy = build_strategy(cfg, initial_parameters=reference, evaluate_fn=None, recorder=recorder)
             manager = SimpleClientManager()
@@ -231,12 +261,13 @@ def fuzz_scenario(seeds: int) -> dict[str, Any]:
                 manager.register(p)
             strategy.configure_fit(1, ndarrays_to_parameters(reference), manager)
             honest = [[w + rng.normal(0, 0.01, w.shape).astype(w.dtype) for w in reference] for _ in range(5)]
-            broken = malform(kind, reference, [w + np.float32(0.01) for w in reference], rng)
             sizes = [int(rng.integers(50, 500)) for _ in range(6)]
             results = [
                 (proxies[i], FitRes(Status(Code.OK, ""), ndarrays_to_parameters(u), sizes[i], {"partition_id": i}))
-                for i, u in enumerate([*honest, broken])
+                for i, u in enumerate(honest)
             ]
+            results.append((proxies[5], FitRes(Status(Code.OK, ""), broken_parameters(kind, reference, rng), sizes[5],
+                                               {"partition_id": 5})))  # fmt: skip
             order = rng.permutation(6)
             stats["cases"] += 1
             total += 1
@@ -306,6 +337,24 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
     return v
 
 
+def refigure(results: dict[str, Any]) -> None:
+    """Derived node figures from the stored per-round times and outcomes (after a change of formula)."""
+    nodes = results.get("nodes")
+    if nodes:
+        times = {int(r): t for r, t in nodes["round_time_s"].items()}
+        rows = {int(r): v for r, v in nodes["per_round_outcomes"].items()}
+        median, excess = time_lost(times, rows)
+        nodes["median_unaffected_round_s"] = median
+        nodes["excess_over_median_s"] = excess
+        nodes["max_excess_s"] = affected_excess(excess, rows)
+
+
+def affected_excess(excess: dict[int, float], rows: dict[int, dict[str, Any]]) -> float | None:
+    """The largest time lost by a round that lost a client (node lost or timed out)."""
+    hit = [e for r, e in excess.items() if rows.get(r, {}).get("fit_node_lost") or rows.get(r, {}).get("fit_timed_out")]
+    return max(hit) if hit else None
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -344,12 +393,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="synthetic data, few rounds: checks the benchmark itself")
     parser.add_argument("--seeds", type=int, default=200)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--refigure", action="store_true",
+                        help="recompute derived figures and the verdict from the measurements already in the results file")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / RESULTS_NAME
     results: dict[str, Any] = {}
     if args.merge and path.exists():
         results = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("verdict", "machine")}
+    if args.refigure:
+        results = {k: v for k, v in json.loads(path.read_text()).items() if k != "verdict"}
+        refigure(results)
+        results["verdict"] = verdict(results)
+        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(json.dumps(results["verdict"], indent=2))
+        return
     work = Path(tempfile.mkdtemp(prefix="fedapp-bench-faults-"))
     print(f"work folder (logs, outputs): {work}", flush=True)
     if "fuzz" in args.scenarios:
