@@ -46,7 +46,7 @@ from fedapp.crypto.protocol import (
     threshold_partial_decrypt,
 )
 from fedapp.datasets import dataset_spec
-from fedapp.faults.mod import InjectedFault, make_faults_mod
+from fedapp.faults.mod import make_faults_mod
 from fedapp.rounds.outcomes import ClientError
 from fedapp.dp_fedsgd import SharedNoisePlan, noisy_gradient_step, plan_shared_noise
 from fedapp.node_policy import pin_to_node
@@ -478,6 +478,18 @@ def partition_id_of(context: Context, cfg: ExperimentConfig) -> int:
     return int(node_config["partition-id"])
 
 
+def raised_by_fedapp(ex: BaseException) -> bool:
+    """Whether fedapp's own code raised ``ex``: its messages state policy and configuration, not data.
+
+    Exceptions raised inside torch, Opacus or numpy may quote values computed from the
+    client's data; under client DP only their type leaves the node.
+    """
+    tb = ex.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("fedapp.")
+
+
 def make_client_app(cfg: ExperimentConfig | None = None) -> ClientApp:
     """A ClientApp for ``cfg`` or, when ``None``, for the run's ``run_config``."""
 
@@ -529,9 +541,12 @@ def make_client_app(cfg: ExperimentConfig | None = None) -> ClientApp:
                 private = experiment_of(context).privacy.client.enabled
             except Exception:  # noqa: BLE001 - a config that does not parse is no reason to say more
                 private = True
-            if private and not isinstance(ex, (ConfigError, InjectedFault)):
+            if private and not raised_by_fedapp(ex):
                 log(WARNING, "Client %s error (only its type is sent under client DP): %s", who, ex)
                 raise ClientError(f"[client {who}] {type(ex).__name__} (details withheld under client DP)") from None
+            if len(ex.args) == 1 and isinstance(ex.args[0], str):  # keep the type (callers catch it), tag the text
+                ex.args = (f"[client {who}] {type(ex).__name__}: {ex.args[0]}",)
+                raise
             raise ClientError(f"[client {who}] {type(ex).__name__}: {ex}") from ex
 
     # Outermost first: errors get the client's tag; injected faults act on the wire-level reply; the release surface filters the

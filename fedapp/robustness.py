@@ -51,6 +51,7 @@ from flwr.server.strategy import Strategy
 
 from fedapp.exclusion import Exclusion, ExclusionList
 from fedapp.metrics import RunRecorder
+from fedapp.validation import MalformedUpdateError
 from fedapp.wrappers import Failures, FitResults, StrategyWrapper, client_label
 
 MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
@@ -226,6 +227,7 @@ class AnomalyQuarantine(StrategyWrapper):
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: Failures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self._count_refusals(server_round, failures)
         if len(results) < MIN_CLIENTS_TO_SCORE or not self._global:
             log(INFO, "Round %s: %s update(s), too few to score; detection skipped", server_round, len(results))
             self._event("detection_skipped", server_round, f"{len(results)} update(s); scoring needs >= {MIN_CLIENTS_TO_SCORE}")
@@ -240,6 +242,18 @@ class AnomalyQuarantine(StrategyWrapper):
         kept = self._without_flagged(server_round, results, labels, scores)
         self._record_round(server_round, labels, flagged, len(results) - len(kept))
         return super().aggregate_fit(server_round, kept, failures)
+
+    def _count_refusals(self, server_round: int, failures: Failures) -> None:
+        """An update that validation refused (absurd norm, replay, malformed) counts as a flag against its sender."""
+        nodes: dict[str, str] = {}
+        for failure in failures:
+            if isinstance(failure, MalformedUpdateError) and failure.proxy is not None and failure.client is not None:
+                nan = float("nan")
+                score = UpdateScore(nan, nan, nan, nan, nan, nan, nan, True, f"refused by validation: {failure.reason}")
+                self._update_reputation(server_round, failure.proxy, failure.client, score)
+                nodes[failure.client] = failure.proxy.cid
+        if nodes:
+            self._quarantine_due(server_round, nodes)
 
     def _update_reputation(self, server_round: int, proxy: ClientProxy, label: str, s: UpdateScore) -> None:
         a = self.reputation_weight

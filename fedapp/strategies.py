@@ -212,7 +212,7 @@ def build_strategy(
         settings = cfg.validation if cfg.secagg.method == "none" else dataclasses.replace(
             cfg.validation, max_update_norm=0.0, relative_norm_bound=0.0, replay_check=False
         )
-        strategy = UpdateValidation(strategy, recorder, settings)
+        strategy = UpdateValidation(strategy, recorder, settings, strict_dtype=cfg.secagg.method == "none")
     if cfg.privacy.client.enabled:
         strategy = ClientEpsilonRecording(strategy, recorder)
     strategy = ClientExclusion(

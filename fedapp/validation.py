@@ -37,7 +37,19 @@ REFERENCE_FLOOR = 0.1  # the reference norm never drops below this fraction of t
 
 
 class MalformedUpdateError(ValueError):
-    """A client's update cannot be aggregated; the message says why."""
+    """A client's update cannot be aggregated; the message says why.
+
+    Raised by the checks with the reason only; the failure :class:`UpdateValidation` passes
+    on to the inner strategy also carries the ``proxy`` and ``client`` it refused, so the
+    anomaly detector counts a refusal against that client's reputation.
+    """
+
+    def __init__(self, message: str, *, proxy: ClientProxy | None = None, client: str | None = None,
+                 reason: str | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.proxy = proxy
+        self.client = client
+        self.reason = reason if reason is not None else message
 
 
 def decode(parameters: Parameters) -> NDArrays:
@@ -94,11 +106,13 @@ class UpdateValidation(StrategyWrapper):
     optional_state = True  # a checkpoint without the replay memory resumes with it empty (fedapp.store.state)
 
     def __init__(
-        self, strategy: Strategy, recorder: RunRecorder | None = None, settings: ValidationConfig | None = None
+        self, strategy: Strategy, recorder: RunRecorder | None = None, settings: ValidationConfig | None = None,
+        *, strict_dtype: bool = True,
     ) -> None:
         super().__init__(strategy)
         self.recorder = recorder
         self.settings = settings if settings is not None else ValidationConfig()
+        self.strict_dtype = strict_dtype  # SecAgg+ hands back its dequantised mean as float64
         self._global: NDArrays = []
         self._seen: dict[str, tuple[int, str]] = {}  # node id -> (round, digest) of its last update
         self._reference: float | None = None  # the last round's median update norm (floors the next one)
@@ -120,7 +134,8 @@ class UpdateValidation(StrategyWrapper):
             who = client_label(proxy, res)
             try:
                 arrays = decode(res.parameters)
-                check_update(arrays, shapes, res.num_examples, dtypes, self.settings.max_num_examples)
+                check_update(arrays, shapes, res.num_examples, dtypes if self.strict_dtype else None,
+                             self.settings.max_num_examples)  # fmt: skip
                 self._check_replay(proxy.cid, server_round, arrays)
                 norm = update_norm(arrays, self._global)
                 self._check_absolute(norm)
@@ -185,7 +200,7 @@ class UpdateValidation(StrategyWrapper):
         log(WARNING, "Round %s: refused update from client %s: %s", server_round, who, reason)
         if self.recorder:
             self.recorder.event("update_rejected", server_round, reason, client=who, node_id=proxy.cid)
-        return MalformedUpdateError(f"client {who}: {reason}")
+        return MalformedUpdateError(f"client {who}: {reason}", proxy=proxy, client=who, reason=reason)
 
     def state_dict(self) -> dict[str, object]:
         """The digests of each node's last update and the last reference norm (a resumed run keeps both)."""
