@@ -203,9 +203,13 @@ def _kill_after_round_trained(cmd: list[str], run_dir: Path, server_round: int, 
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if any(line["round"] == server_round for line in read_jsonl(run_dir / "clients.jsonl")):
+            # every client's line of the round: killing between two of them would leave a client
+            # whose trained round the record never saw (the ledger on disk still counts it)
+            if {line["client"] for line in read_jsonl(run_dir / "clients.jsonl") if line["round"] == server_round} >= {
+                "0", "1", "2"
+            }:
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

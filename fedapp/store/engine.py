@@ -87,6 +87,9 @@ def alembic_config(url: str | None = None, *, connection: Connection | None = No
     return config
 
 
+MIGRATION_WAIT_S = 60.0  # how long a second opener waits for the first one's schema upgrade
+
+
 @contextmanager
 def migration_transaction(conn: Connection) -> Iterator[Connection]:
     """One locked transaction for a schema upgrade, so concurrent openers take turns.
@@ -101,11 +104,16 @@ def migration_transaction(conn: Connection) -> Iterator[Connection]:
     """
     sqlite = conn.dialect.name == "sqlite"
     if sqlite:
-        conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+        raw = conn.connection.dbapi_connection
+        raw.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+        # Waiting for another opener's upgrade is the point here, not a stuck writer: a loaded
+        # machine can take longer than the usual busy timeout to import Alembic and migrate.
+        raw.execute(f"PRAGMA busy_timeout={int(MIGRATION_WAIT_S * 1000)}")  # type: ignore[union-attr]
     try:
         conn.execution_options(**{WRITE_OPTION: True})
         with conn.begin():
             if conn.dialect.name == "postgresql":
+                conn.execute(sa.text(f"SET LOCAL lock_timeout = '{int(MIGRATION_WAIT_S)}s'"))
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
             yield conn
             if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
