@@ -56,7 +56,8 @@ from fedapp.crypto.protocol import (
     unflatten,
 )
 from fedapp.crypto.threshold import ThresholdParams
-from fedapp.wrappers import Failures, FitResults, StrategyWrapper
+from fedapp.metrics import RunRecorder
+from fedapp.wrappers import Failures, FitResults, StrategyWrapper, client_label
 
 
 def integer_weights(num_examples: list[int], max_weight: int) -> list[int]:
@@ -102,6 +103,7 @@ class PaillierSecureAggregation(StrategyWrapper):
         timeout: float | None = None,
         seed: int = 0,
         threshold: ThresholdParams | None = None,
+        recorder: RunRecorder | None = None,
     ) -> None:
         if type(strategy) is not FedAvg:
             raise TypeError(
@@ -119,6 +121,7 @@ class PaillierSecureAggregation(StrategyWrapper):
         self._replay_guard = ReplayGuard()
         self._global: list[np.ndarray] | None = None
         self.threshold = threshold
+        self.recorder = recorder  # refusals become ``ciphertext_rejected`` events (the round's failure accounting)
         self._signed: dict[str, list[np.ndarray]] = {}
         if threshold is not None and threshold.key_id != public_key.key_id:
             raise ValueError(f"threshold parameters are for key {threshold.key_id}, not {public_key.key_id}")
@@ -154,7 +157,10 @@ class PaillierSecureAggregation(StrategyWrapper):
         accepted: list[tuple[ClientProxy, FitRes, EncryptedVector]] = []
         for proxy, res in results:
             try:
-                arrays = parameters_to_ndarrays(res.parameters)
+                try:
+                    arrays = parameters_to_ndarrays(res.parameters)
+                except Exception as err:  # noqa: BLE001 - bytes that do not decode are the client's fault
+                    raise CiphertextRejected("malformed", f"undecodable ({type(err).__name__})") from None
                 expected = 2 if self.threshold is not None else 1
                 if len(arrays) != expected:
                     raise CiphertextRejected(
@@ -167,7 +173,10 @@ class PaillierSecureAggregation(StrategyWrapper):
                 if msg.kind != "update":
                     raise CiphertextRejected("not_an_update", f"a client sent a {msg.kind!r}")
             except CiphertextRejected as err:
-                log(WARNING, "Round %s: update from %s refused: %s", server_round, proxy.cid, err)
+                who = client_label(proxy, res)
+                log(WARNING, "Round %s: update from client %s refused: %s", server_round, who, err)
+                if self.recorder is not None:
+                    self.recorder.event("ciphertext_rejected", server_round, str(err), client=who, node_id=proxy.cid)
                 failures.append(err)
                 continue
             accepted.append((proxy, res, msg))

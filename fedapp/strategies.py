@@ -199,7 +199,7 @@ def build_strategy(
         )
     if cfg.secagg.method == "paillier":
         # Ciphertexts are validated by the wrapper itself (round, key, replay, length).
-        strategy = _paillier(cfg, strategy)
+        strategy = _paillier(cfg, strategy, recorder)
         if cfg.secagg.noise_sigma_total > 0:
             strategy = _distributed_dp(cfg, strategy, recorder)
         if momentum_outside:  # post-processing of the released mean: no privacy cost
@@ -221,7 +221,7 @@ def build_strategy(
     return MetricsRecording(strategy, recorder, rounds)
 
 
-def _paillier(cfg: ExperimentConfig, strategy: Strategy) -> Strategy:
+def _paillier(cfg: ExperimentConfig, strategy: Strategy, recorder: RunRecorder) -> Strategy:
     """FedAvg inside Paillier secure aggregation; the server loads the public key only."""
     from fedapp.crypto import load_public_key
     from fedapp.crypto.dealing import is_threshold_key_dir
@@ -242,6 +242,7 @@ def _paillier(cfg: ExperimentConfig, strategy: Strategy) -> Strategy:
         decryptors=cfg.secagg.decryptors,
         seed=cfg.seed,
         threshold=threshold,
+        recorder=recorder,
     )
 
 
