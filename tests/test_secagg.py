@@ -365,12 +365,13 @@ def test_a_refused_or_undecodable_ciphertext_is_recorded_against_its_node_not_a_
 
     clients = [FakeClient(str(i), keys[1]) for i in range(4)]
     strategy, results = _round(keys, clients, {str(i): _delta(i) for i in range(4)})
+    results.sort(key=lambda r: r[0].cid)  # sampling order is random: index i is node i from here on
     recorder = RunRecorder(tmp_path)
     strategy.recorder = recorder
     broken = ndarrays_to_parameters([np.zeros(1)])
     broken.tensors[0] = b"\x93NUMPY not an array"
     results[1] = (results[1][0], FitRes(Status(Code.OK, ""), broken, 10, {}))
-    results[2] = results[0]  # client 0's ciphertext again, from client 2's proxy: a replay
+    results[2] = (results[2][0], results[0][1])  # client 0's ciphertext again, from node 2: a replay
     params, _ = strategy.aggregate_fit(1, results, [])
     refused = [e for e in recorder.drain() if e.get("kind") == "ciphertext_rejected"]
     assert sorted((e["node_id"], e["reason"].split(":")[0]) for e in refused) == [
