@@ -448,7 +448,7 @@ def test_two_processes_open_a_fresh_database_at_once(store_url: str, tmp_path: P
         "ready.touch()\n"
         "deadline = time.monotonic() + 30\n"
         "while not other.exists() and time.monotonic() < deadline: time.sleep(0.005)\n"
-        "RunStore(sys.argv[1], retries=0).close()  # no retry needed: the lock orders them\n"
+        "RunStore(sys.argv[1]).close()  # the lock orders the upgrades; a connect that meets it retries\n"
     )
     a, b = tmp_path / "a.ready", tmp_path / "b.ready"
     procs = [
