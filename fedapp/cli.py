@@ -6,6 +6,8 @@
     fedapp runs list | show RUN | export RUN [--format json|csv]
     fedapp resume RUN                      continue a killed run from its last checkpoint
     fedapp audit verify RUN                check the run's tamper-evident audit chain
+    fedapp serve [--port 8080] [--certfile F --keyfile K]   the control plane (API, dashboard, /metrics)
+    fedapp tokens create --role viewer|operator --expires 12h | revoke TOKEN_ID | list
 
 A user mistake (unknown run, bad store URL, corrupt checkpoint, bad override)
 is one line on stderr and exit code 2; a failed run exits 1.
@@ -33,6 +35,10 @@ runs_app = typer.Typer(help="Runs recorded in the run store.", no_args_is_help=T
 audit_app = typer.Typer(help="The runs' tamper-evident audit logs.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(audit_app, name="audit")
+tokens_app = typer.Typer(help="Tokens of the control plane's API (fedapp serve).", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
+SecretOption = typer.Option(
+    None, "--secret-file", help="the API's signing secret (default: $FEDAPP_API_SECRET_FILE or ~/.config/fedapp/api-secret)")
 
 _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 StoreOption = typer.Option("", "--store", help=f"run store URL (default: ${STORE_URL_ENV} or outputs/fedapp.db)")
@@ -44,11 +50,11 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _open_store(url: str):  # type: ignore[no-untyped-def]
+def _open_store(url: str, *, create: bool = False):  # type: ignore[no-untyped-def]
     from fedapp.store.db import RunStore, StoreError
 
     resolved = resolve_store_url(url)
-    if resolved.startswith("sqlite:///") and not Path(resolved[len("sqlite:///"):]).exists():
+    if not create and resolved.startswith("sqlite:///") and not Path(resolved[len("sqlite:///"):]).exists():
         fail(f"no run store at {resolved} (run an experiment first, or pass --store URL)")
     try:
         return RunStore(resolved, retries=1)
@@ -289,6 +295,108 @@ def audit_verify(
         if record.status == "completed" and (last.get("kind") != "run_end" or signed.seq != report.entries):
             typer.echo("FAIL: the run is recorded as completed but its log does not end with a signed run_end entry")
             raise typer.Exit(1)
+
+
+# ------------------------------------------------------------- control plane
+@app.command()
+def serve(
+    store: str = StoreOption,
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback by default)"),
+    port: int = typer.Option(8080, "--port", min=1, max=65535),
+    secret_file: Optional[Path] = SecretOption,
+    certfile: Optional[Path] = typer.Option(None, "--certfile", help="TLS certificate (PEM); with --keyfile serves HTTPS"),
+    keyfile: Optional[Path] = typer.Option(None, "--keyfile", help="TLS private key (PEM)"),
+    audit_public_key: Optional[Path] = typer.Option(
+        None, "--audit-public-key", help="the operator's audit_ed25519.pub: audit status then checks the signature"),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Serve the control plane: JSON API (/api/v1, OpenAPI at /docs), dashboard at /, Prometheus at /metrics."""
+    from fedapp.api.server import serve as run_server
+    from fedapp.store.audit import load_public_key
+
+    if (certfile is None) != (keyfile is None):
+        fail("HTTPS needs both --certfile and --keyfile")
+    for path in (certfile, keyfile, audit_public_key):
+        if path is not None and not path.is_file():
+            fail(f"no such file: {path}")
+    if host not in ("127.0.0.1", "::1", "localhost") and certfile is None:
+        typer.echo(f"fedapp: warning: serving plain HTTP on {host}: tokens cross the network in clear text; "
+                   "pass --certfile/--keyfile", err=True)
+    db = _open_store(store, create=True)
+    url = db.url
+    db.close()
+    try:
+        key = load_public_key(audit_public_key) if audit_public_key else None
+        run_server(resolve_store_url(store), host=host, port=port, secret_path=secret_file, certfile=certfile,
+                   keyfile=keyfile, audit_public_key=key, log_level=log_level)
+    except (OSError, ValueError) as err:
+        fail(f"cannot serve the store {url}: {err}")
+
+
+@tokens_app.command("create")
+def tokens_create(
+    role: str = typer.Option(..., "--role", help="viewer (reads) or operator (reads and acts)"),
+    expires: str = typer.Option("12h", "--expires", help="lifetime: a number and s, m, h or d (at most 366d)"),
+    subject: str = typer.Option("", "--subject", help="who it is for, recorded with every action (default: your user name)"),
+    store: str = StoreOption,
+    secret_file: Optional[Path] = SecretOption,
+) -> None:
+    """Issue a signed token; it is printed once and stored nowhere (the store keeps its id, role and expiry)."""
+    import getpass
+
+    from fedapp.api.auth import issue_token, load_secret, parse_duration
+    from fedapp.api.auth import secret_file as resolve_secret
+
+    try:
+        lifetime = parse_duration(expires)
+        secret = load_secret(resolve_secret(secret_file), create=True)
+    except (OSError, ValueError) as err:
+        fail(str(err))
+    db = _open_store(store, create=True)
+    try:
+        token, record = issue_token(db, secret, subject=subject or getpass.getuser(), role=role, lifetime_s=lifetime)
+    except ValueError as err:
+        fail(str(err))
+    finally:
+        db.close()
+    expiry = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.expires_at))
+    typer.echo(f"fedapp: {record.role} token {record.token_id} for {record.subject}, expires {expiry}", err=True)
+    typer.echo(token)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    token: str = typer.Argument(..., help="the token's id (from `fedapp tokens list`) or the token itself"),
+    store: str = StoreOption,
+) -> None:
+    """Refuse a token from now on, before it expires."""
+    from fedapp.api.auth import token_id_of
+
+    token_id = token if len(token) == 32 and all(c in "0123456789abcdef" for c in token) else None
+    if token_id is None:
+        try:
+            token_id = token_id_of(token)
+        except ValueError as err:
+            fail(str(err))
+    db = _open_store(store)
+    record = db.revoke_token(token_id)
+    db.close()
+    if record is None:
+        fail(f"no token {token_id} in the store")
+    typer.echo(f"revoked {record.role} token {record.token_id} of {record.subject}")
+
+
+@tokens_app.command("list")
+def tokens_list(store: str = StoreOption) -> None:
+    """Issued tokens: id, subject, role, expiry, revocation (never the tokens)."""
+    db = _open_store(store)
+    records = db.tokens()
+    db.close()
+    now = time.time()
+    for r in records:
+        state = "revoked" if r.revoked_at else ("expired" if r.expires_at < now else "valid")
+        expiry = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r.expires_at))
+        typer.echo(f"{r.token_id}  {r.role:<8}  {state:<7}  expires {expiry} UTC  {r.subject}")
 
 
 def main() -> None:

@@ -42,6 +42,9 @@ def check_experiment(cfg: ExperimentConfig, *, load_data: bool = True) -> None:
         raise ConfigError(f"unknown client.optimizer {cfg.client.optimizer!r}; valid: {list(OPTIMIZERS)}")
     check_partition_config(cfg.partition)
     check_strategy_config(cfg)
+    from fedapp.tracking import check_tracking
+
+    check_tracking(cfg.tracking)  # a missing optional extra fails before Ray or a SuperLink starts
     resolve_attack(cfg.attack.name)  # an unknown name or a dotted path that does not import fails here
     new_model(cfg)  # a model DP-SGD cannot train fails here, with Opacus's reasons
     if load_data and cfg.secagg.method == "paillier":  # like the data, the keys live where the run runs

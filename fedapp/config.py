@@ -388,6 +388,20 @@ class FaultsConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking beside the run's own files (:mod:`fedapp.tracking`).
+
+    ``tensorboard`` writes every round row's numbers as TensorBoard scalars to
+    ``<runtime.output_dir>/tensorboard/``, flushed after each round, so
+    ``tensorboard --logdir outputs`` follows live runs and compares finished
+    ones. Off by default: it needs the optional extra ``fedapp[tracking]``,
+    and the run's own ``metrics.csv`` and store already hold the same numbers.
+    """
+
+    tensorboard: bool = False
+
+
+@dataclass
 class ExperimentConfig:
     """One federated experiment, as every fedapp component receives it."""
 
@@ -407,6 +421,7 @@ class ExperimentConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "ExperimentConfig":

@@ -33,12 +33,14 @@ from fedapp.release import release_surface
 from fedapp.report import format_table, write_report
 from fedapp.rounds.outcomes import RunFailed, one_line
 from fedapp.rounds.progress import RoundProgress
+from fedapp.control.applier import RunControl
 from fedapp.rounds.workflow import FitRound
 from fedapp.runconfig import experiment_from_run_config
 from fedapp.store.db import StoreError
 from fedapp.store.durable import DurableRun
 from fedapp.store.workflow import DurableWorkflow
 from fedapp.strategies import EvaluateFn, build_strategy
+from fedapp.tracking import TrackedProgress
 from fedapp.traffic import TrafficMeter
 from fedapp.training import evaluate, get_weights, set_weights
 
@@ -94,7 +96,7 @@ def secaggplus_workflow(cfg: ExperimentConfig) -> SecAggPlusWorkflow:
 def run_experiment(grid: Grid, context: Context, cfg: ExperimentConfig) -> dict:
     """Run all rounds of ``cfg`` on ``grid`` (from its checkpoint with ``store.resume``); write outputs; return the summary."""
     try:  # names, sizes, data and key files: a mistake is one line, before any round
-        check_experiment(cfg)
+        check_experiment(cfg)  # includes the tracking extra
     except ConfigError as err:
         log(ERROR, "Run config refused: %s", err)
         raise RunFailed(f"run config refused: {err}") from None
@@ -109,7 +111,11 @@ def run_experiment(grid: Grid, context: Context, cfg: ExperimentConfig) -> dict:
     if durable is None:
         recorder = RunRecorder(cfg.runtime.output_dir)
     out = Path(cfg.runtime.output_dir)
-    progress = RoundProgress(out, cfg.num_rounds, resume=durable is not None and durable.start_round > 0)
+    resumed = durable is not None and durable.start_round > 0
+    if cfg.tracking.tensorboard:  # the same round ends, also as TensorBoard scalars (fedapp.tracking)
+        progress = TrackedProgress(out, cfg.num_rounds, recorder=recorder, resume=resumed)
+    else:
+        progress = RoundProgress(out, cfg.num_rounds, resume=resumed)
     try:
         rows = _train(grid, context, cfg, recorder, durable, progress)
     except BaseException as err:
@@ -164,7 +170,11 @@ def _train(
         on_fit_config_fn=fit_config,
         rounds=fit_round,
     )
+    if durable is not None:  # operators' actions from the API (fedapp serve), applied at round boundaries
+        strategy = durable.control = RunControl(strategy, cfg, durable.store, durable.run.run_id, recorder)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.num_rounds), strategy=strategy)
+    if durable is not None and durable.control is not None:
+        durable.control.client_manager = legacy.client_manager
     if cfg.secagg.method != "none" and (durable is None or durable.start_round == 0):
         recorder.event("secure_aggregation", 0, f"fit rounds use {cfg.secagg.method}", method=cfg.secagg.method)
     workflow = DefaultWorkflow(fit_workflow=fit_round) if durable is None else DurableWorkflow(durable, fit_workflow=fit_round)

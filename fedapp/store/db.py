@@ -35,15 +35,17 @@ from sqlalchemy.engine import Connection, make_url
 # Re-exported: the store's one import point for its engine, schema and errors.
 from fedapp.store.engine import WRITE_OPTION, _upgrade, alembic_config, create_store_engine, migration_transaction
 from fedapp.store.errors import StoreError, UnknownRunError
-from fedapp.store.schema import CHECKPOINTS, CLIENT_UPDATES, EVENTS, METADATA, ROUNDS, RUNS
+from fedapp.store.schema import ACTIONS, API_TOKENS, CHECKPOINTS, CLIENT_UPDATES, EVENTS, METADATA, ROUNDS, RUNS
 from fedapp.store.records import (
     RUN_STATUSES,
     UPDATE_STATUSES,
+    ActionRecord,
     CheckpointRecord,
     ClientUpdateRecord,
     EventRecord,
     RoundRecord,
     RunRecord,
+    TokenRecord,
 )
 
 LOGGER = logging.getLogger("fedapp.store")
@@ -265,6 +267,113 @@ class RunStore:
             self._set_audit(conn, run_id, audit_head, audit_seq)
 
         self._write(f"finish run {run_id!r}", work)
+
+    # -- operators' actions and API tokens (fedapp.api, fedapp.control) ------
+
+    def add_action(self, action: ActionRecord) -> ActionRecord:
+        """Queue an operator's request for a run that is still running; the stored record (with its id).
+
+        Refused (:class:`StoreError`) for a run that has ended: nothing would
+        ever apply it. Raises even with ``best_effort``: the operator is waiting
+        for the answer.
+        """
+        if action.status != "pending" or action.id is not None:
+            raise ValueError("a new action is pending and has no id yet")
+
+        def work(conn: Connection) -> ActionRecord:
+            run = self._run(conn, action.run_id)
+            if run.status != "running":
+                raise StoreError(f"run {action.run_id!r} is {run.status}; actions apply only to a running run")
+            values = {k: v for k, v in asdict(action).items() if k != "id"}
+            new_id = conn.execute(ACTIONS.insert().values(**values)).inserted_primary_key[0]
+            return ActionRecord(**{**asdict(action), "id": int(new_id)})
+
+        return self._retrying(f"queue an action for run {action.run_id!r}", lambda: self._transaction(work, write=True))
+
+    def actions(self, run_id: str, *, status: str | None = None) -> list[ActionRecord]:
+        """The run's actions in the order they were requested, only those in ``status`` if given."""
+
+        def work(conn: Connection) -> list[ActionRecord]:
+            self._attempt_of(conn, run_id)
+            query = ACTIONS.select().where(ACTIONS.c.run_id == run_id)
+            if status is not None:
+                query = query.where(ACTIONS.c.status == status)
+            return [_record(ActionRecord, row) for row in conn.execute(query.order_by(ACTIONS.c.id))]
+
+        return self._read(f"read actions of run {run_id!r}", work)
+
+    def get_action(self, run_id: str, action_id: int) -> ActionRecord | None:
+        """One action of the run, or None (an id of another run is None too)."""
+
+        def work(conn: Connection) -> ActionRecord | None:
+            row = conn.execute(
+                ACTIONS.select().where(ACTIONS.c.run_id == run_id, ACTIONS.c.id == action_id)
+            ).first()
+            return None if row is None else _record(ActionRecord, row)
+
+        return self._read(f"read action {action_id} of run {run_id!r}", work)
+
+    def settle_action(
+        self,
+        action_id: int,
+        status: str,
+        *,
+        boundary_round: int,
+        effective_round: int | None,
+        result: str,
+    ) -> bool:
+        """Record the ServerApp's decision on a pending action; False if it was no longer pending."""
+        if status not in ("applied", "refused"):
+            raise ValueError(f"an action is settled as applied or refused, not {status!r}")
+        settled = False
+
+        def work(conn: Connection) -> None:
+            nonlocal settled
+            done = conn.execute(
+                ACTIONS.update()
+                .where(ACTIONS.c.id == action_id, ACTIONS.c.status == "pending")
+                .values(status=status, boundary_round=boundary_round, effective_round=effective_round,
+                        applied_at=time.time(), result=result)
+            )
+            settled = done.rowcount == 1
+
+        self._write(f"settle action {action_id}", work)
+        return settled
+
+    def add_token(self, token: TokenRecord) -> None:
+        """Record an issued token's identity (the API refuses tokens it has no record of)."""
+        self._retrying(
+            "record an API token",
+            lambda: self._transaction(lambda conn: conn.execute(API_TOKENS.insert().values(**asdict(token))), write=True),
+        )
+
+    def get_token(self, token_id: str) -> TokenRecord | None:
+        """The token's record, or None when the store never issued it."""
+
+        def work(conn: Connection) -> TokenRecord | None:
+            row = conn.execute(API_TOKENS.select().where(API_TOKENS.c.token_id == token_id)).first()
+            return None if row is None else _record(TokenRecord, row)
+
+        return self._read("read an API token", work)
+
+    def revoke_token(self, token_id: str) -> TokenRecord | None:
+        """Revoke a token from now on; its record (None when unknown). Revoking twice keeps the first time."""
+
+        def work(conn: Connection) -> TokenRecord | None:
+            conn.execute(
+                API_TOKENS.update()
+                .where(API_TOKENS.c.token_id == token_id, API_TOKENS.c.revoked_at.is_(None))
+                .values(revoked_at=time.time())
+            )
+            row = conn.execute(API_TOKENS.select().where(API_TOKENS.c.token_id == token_id)).first()
+            return None if row is None else _record(TokenRecord, row)
+
+        return self._retrying("revoke an API token", lambda: self._transaction(work, write=True))
+
+    def tokens(self) -> list[TokenRecord]:
+        """Every issued token's record, newest first."""
+        query = API_TOKENS.select().order_by(API_TOKENS.c.issued_at.desc())
+        return self._read("list API tokens", lambda conn: [_record(TokenRecord, r) for r in conn.execute(query)])
 
     # -- reads --------------------------------------------------------------
 

@@ -36,7 +36,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.common import ndarrays_to_parameters
@@ -66,6 +66,9 @@ from fedapp.store.records import (
 from fedapp.store.settings import masked_url, resolve_store_url, run_config_hash
 from fedapp.store.state import load_rng_state, load_strategy_state, rng_state, strategy_chain, strategy_state
 
+if TYPE_CHECKING:
+    from fedapp.control.applier import RunControl
+
 log = logging.getLogger("fedapp.store")
 
 AUDIT_FILE = "audit.jsonl"
@@ -88,6 +91,7 @@ _EVENT_MAP: dict[str, tuple[str, str | None]] = {
     "client_quarantined": ("client_quarantined", "quarantined"),
     "client_released": ("client_released", None),
     "fit_failure": ("client_refused", None),
+    "admin_action": ("admin_action", None),  # an operator's request, settled at this boundary (fedapp.control)
 }
 
 
@@ -133,6 +137,7 @@ class DurableRun:
         self.status, self.error = "running", None
         self.overhead_s: dict[int, float] = {}  # seconds spent at each round boundary (audit + checkpoint + commit)
         self.stopping: dict[str, Any] | None = None
+        self.control: RunControl | None = None  # operators' actions (fedapp.control), applied in round_done
         self._lock: Any = None
         self._replay: list[dict[str, Any]] = []
         self._released: set[int] = set()
@@ -274,6 +279,8 @@ class DurableRun:
         """Load the checkpoint's strategy state and RNGs; its model (None for a fresh run)."""
         if self.checkpoint is None:
             return None
+        if self.control is not None:  # the rule the checkpoint's strategy state was taken under
+            self.control.restore_settings(self.checkpoint.meta.get("control"))
         load_strategy_state(strategy, self.checkpoint.state["strategy"])
         load_rng_state(self.checkpoint.state["rng"])
         for member in strategy_chain(strategy):
@@ -317,6 +324,8 @@ class DurableRun:
     def round_done(self, server_round: int, model: list[np.ndarray], strategy: Strategy) -> None:
         """Audit, checkpoint and commit one finished round (see the module docstring for the order)."""
         started = time.perf_counter()
+        if self.control is not None:  # operators' requests, settled before the round is recorded (their events go with it)
+            self.control.at_boundary(server_round)
         lines = self._collect(server_round)
         updates = self._updates(server_round, lines)
         row = dict(self.recorder.rows.get(server_round, {"round": server_round}))
@@ -328,8 +337,9 @@ class DurableRun:
         digest = model_digest(model)
         self.audit.extend(self._audit_items(server_round, lines, updates, row, digest, aggregated))
         stop = self.stop_request()
+        paused = self.control is not None and self.control.paused
         ckpt_record = None
-        if stop or server_round % self.cfg.store.checkpoint_every == 0 or server_round == self.cfg.num_rounds:
+        if stop or paused or server_round % self.cfg.store.checkpoint_every == 0 or server_round == self.cfg.num_rounds:
             ckpt_record = self._checkpoint(server_round, model, strategy)
         self.audit.sign_head()
         participants = sorted({u.client for u in updates})
@@ -350,11 +360,34 @@ class DurableRun:
         if ckpt_record is not None and committed:  # only once the store knows the new one: a crash before leaves the old one usable
             prune_checkpoints(self.checkpoint_dir, self.cfg.store.keep_checkpoints, protect=Path(ckpt_record.path))
         self.overhead_s[server_round] = time.perf_counter() - started
+        if paused and not stop and server_round < self.cfg.num_rounds:
+            assert self.control is not None
+            self.control.wait_while_paused(
+                server_round, lambda: self._record_between_rounds(server_round),
+                stop_file=lambda: (self.output_dir / STOP_FILE).exists(),
+            )
+            stop = self.stop_request()
         if stop and server_round < self.cfg.num_rounds:
             self.stopping = stop
 
+    def _record_between_rounds(self, server_round: int) -> None:
+        """Audit and store the events of requests settled while the run is paused (no round to carry them)."""
+        lines = self._collect(server_round)
+        items = [item for item in self._audit_items(server_round, lines, [], {}, "", False) if item[0] != "aggregation"]
+        self.audit.extend(items)
+        self.audit.sign_head()
+        events = [
+            EventRecord(self.run.run_id, server_round, e["kind"], e.get("reason", ""),
+                        {k: v for k, v in e.items() if k not in ("line", "kind", "reason", "round", "time")},
+                        float(e.get("time", time.time())))
+            for e in lines.events
+        ]
+        self.store.add_events(self.run.run_id, events, audit_head=self.audit.head, audit_seq=self.audit.seq)
+
     def stop_request(self) -> dict[str, Any] | None:
-        """The operator's request to stop (``fedapp runs stop``), if one is waiting in the output folder."""
+        """The operator's request to stop (the API, or ``fedapp runs stop``'s file in the output folder), if any."""
+        if self.control is not None and self.control.stop_requested is not None:
+            return dict(self.control.stop_requested)
         path = self.output_dir / STOP_FILE
         if not path.exists():
             return None
@@ -368,7 +401,8 @@ class DurableRun:
     def stop(self) -> None:
         """End this attempt at the checkpoint just taken: an admin action in the chain, status interrupted."""
         request = self.stopping or {}
-        self.audit.append("admin_action", None, action="stop", attempt=self.attempt, **request)
+        if self.control is None or self.control.stop_requested is None:  # the API's stop is in the chain already
+            self.audit.append("admin_action", None, action="stop", attempt=self.attempt, **request)
         path = self.output_dir / STOP_FILE
         if path.exists():
             path.replace(self.output_dir / f"{STOP_FILE}.done-{int(time.time())}")
@@ -378,6 +412,8 @@ class DurableRun:
         """Record the end of the run (completed / failed) in the audit log and the store."""
         if status == "completed" and self.trained_rounds == 0:
             status, error = "failed", "no round aggregated any client update: the run trained nothing"
+        if self.control is not None:
+            self.control.close(f"the run ended ({status}) before the next round boundary")
         self.audit.append("run_end", None, status=status, error=error, trained_rounds=self.trained_rounds)
         self.audit.sign_head()
         overhead = EventRecord(
@@ -419,6 +455,7 @@ class DurableRun:
                 update_norm=_float_or_none(c.get("update_norm", score.get("norm"))),
                 anomaly_score=_float_or_none(score.get("anomaly")),
                 epsilon=_float_or_none(c.get("epsilon")),
+                reputation=_float_or_none(score.get("reputation")),
             )
         for e in lines.events:
             mapped = _EVENT_MAP.get(str(e.get("kind")))
@@ -465,6 +502,7 @@ class DurableRun:
             "run_id": self.run.run_id, "config_hash": self.run.config_hash, "attempt": self.attempt,
             "audit_head": self.audit.head, "audit_seq": self.audit.seq, "rows": self.recorder.table(),
             "seen_clients": sorted(self.seen_clients), "trained_rounds": self.trained_rounds,
+            "control": self.control.saved_settings() if self.control is not None else None,
         }
         state = {"strategy": strategy_state(strategy), "rng": rng_state()}
         path = self.checkpoint_dir / checkpoint_name(server_round)

@@ -22,6 +22,8 @@ from typing import Any
 
 RUN_STATUSES = ("running", "completed", "failed", "interrupted")
 UPDATE_STATUSES = ("accepted", "refused", "declined", "quarantined")
+ACTION_STATUSES = ("pending", "applied", "refused")
+ROLES = ("viewer", "operator")
 
 
 def _check_status(status: str, allowed: tuple[str, ...], what: str) -> None:
@@ -85,6 +87,7 @@ class ClientUpdateRecord:
     update_norm: float | None = None
     anomaly_score: float | None = None
     epsilon: float | None = None
+    reputation: float | None = None
 
     def __post_init__(self) -> None:
         _check_status(self.status, UPDATE_STATUSES, "ClientUpdateRecord.status")
@@ -121,6 +124,48 @@ class EventRecord:
     reason: str
     fields: dict[str, Any]
     time: float
+
+
+@dataclass
+class ActionRecord:
+    """An operator's request to a running run, and what the ServerApp made of it.
+
+    The API writes it ``pending``; the ServerApp applies or refuses it at the next
+    round boundary and fills in the outcome: ``boundary_round`` is the round
+    after which it was applied, ``effective_round`` the first round that runs
+    under it (None for a stop, after which no round runs).
+    """
+
+    run_id: str
+    action: str
+    params: dict[str, Any]
+    requested_by: str
+    requested_at: float
+    reason: str = ""
+    status: str = "pending"
+    boundary_round: int | None = None
+    effective_round: int | None = None
+    applied_at: float | None = None
+    result: str = ""
+    id: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_status(self.status, ACTION_STATUSES, "ActionRecord.status")
+
+
+@dataclass
+class TokenRecord:
+    """Who an API token was issued to, with which role, until when; never the token itself."""
+
+    token_id: str
+    subject: str
+    role: str
+    issued_at: float
+    expires_at: float
+    revoked_at: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_status(self.role, ROLES, "TokenRecord.role")
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from fedapp.store.records import RUN_STATUSES, UPDATE_STATUSES
+from fedapp.store.records import ACTION_STATUSES, ROLES, RUN_STATUSES, UPDATE_STATUSES
 
 
 METADATA = sa.MetaData()
@@ -73,6 +73,7 @@ CLIENT_UPDATES = sa.Table(
     sa.Column("anomaly_score", sa.Float),
     sa.Column("epsilon", sa.Float),
     sa.Column("attempt", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("reputation", sa.Float),
     sa.ForeignKeyConstraint(["run_id"], ["runs.run_id"], name="fk_client_updates_run_id_runs"),
     sa.Index("ix_client_updates_run_id_round", "run_id", "round"),
     _status_check("status", UPDATE_STATUSES, "ck_client_updates_status"),
@@ -108,6 +109,39 @@ EVENTS = sa.Table(
     sa.Column("time", sa.Float, nullable=False),
     sa.ForeignKeyConstraint(["run_id"], ["runs.run_id"], name="fk_events_run_id_runs"),
     sa.Index("ix_events_run_id", "run_id"),
+)
+
+ACTIONS = sa.Table(
+    "actions",
+    METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(255), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("requested_by", sa.String(255), nullable=False),
+    sa.Column("requested_at", sa.Float, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, server_default="pending"),
+    sa.Column("boundary_round", sa.Integer),
+    sa.Column("effective_round", sa.Integer),
+    sa.Column("applied_at", sa.Float),
+    sa.Column("result", sa.Text, nullable=False, server_default=""),
+    sa.ForeignKeyConstraint(["run_id"], ["runs.run_id"], name="fk_actions_run_id_runs"),
+    sa.Index("ix_actions_run_id_status", "run_id", "status"),
+    _status_check("status", ACTION_STATUSES, "ck_actions_status"),
+)
+
+API_TOKENS = sa.Table(
+    "api_tokens",
+    METADATA,
+    sa.Column("token_id", sa.String(64), nullable=False),
+    sa.Column("subject", sa.String(255), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("issued_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float),
+    sa.PrimaryKeyConstraint("token_id", name="pk_api_tokens"),
+    _status_check("role", ROLES, "ck_api_tokens_role"),
 )
 
 

@@ -22,6 +22,7 @@ DEFAULT_DB = Path("outputs") / "fedapp.db"
 # Keys that may change between attempts of one run without changing what it computes.
 _VOLATILE = {
     "store": None,  # the whole section: where it is recorded, not what is trained
+    "tracking": None,  # where metrics are mirrored (TensorBoard), not what is trained
     "runtime": ("output_dir", "superlink_port", "ray_address", "timeout_s"),
     "dataset": ("root",),
 }

@@ -1,0 +1,1 @@
+"""The control plane: `fedapp serve`, its API, dashboard and metrics."""

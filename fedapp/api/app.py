@@ -1,0 +1,283 @@
+"""The control plane's FastAPI application: versioned JSON over the run store, actions, metrics, the dashboard.
+
+Every route is a thin adapter: reads come from :class:`fedapp.api.views.RunViews`,
+an action is checked by :mod:`fedapp.control.actions` and queued in the store
+(the ServerApp applies it at its next round boundary), tokens are checked by
+:class:`fedapp.api.auth.TokenVerifier`. The endpoints and shapes are listed in
+``docs/control_plane.md`` and in the generated OpenAPI schema (``/openapi.json``).
+
+Errors are answered, never raised into the server: an unknown run is 404, a
+store that cannot be reached 503, a malformed body or id 422, a request the
+run's configuration cannot honour 409 with the reason, a body larger than
+:data:`MAX_BODY_BYTES` 413; anything unexpected is a 500 with no detail (the
+traceback goes to the server's log only).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations (local aliases) at definition.
+import asyncio
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Path as PathParam, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedapp import __version__
+from fedapp.api.auth import AuthError, Identity, TokenVerifier
+from fedapp.api.views import RunViews, run_config
+from fedapp.control.actions import ACTION_KINDS, ActionError, action_params, refusal, settings_after
+from fedapp.store.db import RunStore, StoreError, UnknownRunError
+from fedapp.store.records import ActionRecord
+from fedapp.store.settings import masked_url
+
+LOGGER = logging.getLogger("fedapp.api")
+STATIC_DIR = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 64 * 1024
+MAX_WAIT_S = 60.0
+RunId = Annotated[str, PathParam(min_length=1, max_length=255, pattern=r"^[\w.:-]+$")]
+ActionId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
+_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+
+
+class ActionRequest(BaseModel):
+    """An operator's request; which fields an action takes is checked by :func:`fedapp.control.actions.action_params`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["block", "unblock", "set_rule", "set_clients_per_round", "pause", "resume", "stop"]
+    client: str | None = Field(default=None, min_length=1, max_length=40, description="a client label, e.g. 3 or node-123")
+    rule: str | None = Field(default=None, max_length=32, description="fedavg, krum, multikrum, trimmedmean, median")
+    clients_per_round: int | None = Field(default=None, ge=1, le=1_000_000)
+    reason: str = Field(default="", max_length=500, description="why, for the audit log")
+
+
+def create_app(
+    store: RunStore,
+    verifier: TokenVerifier,
+    *,
+    audit_public_key: Any = None,
+    cache_s: float = 1.0,
+) -> FastAPI:
+    """The application over ``store``; tokens are checked by ``verifier``."""
+    assert len(ACTION_KINDS) == len(ActionRequest.model_fields["action"].annotation.__args__)  # type: ignore[union-attr]
+    views = RunViews(store, cache_s=cache_s)
+    app = FastAPI(
+        title="fedapp control plane", version=__version__,
+        description="Runs, rounds, clients, privacy, audit and operators' actions of fedapp's run store.",
+    )
+    bearer = HTTPBearer(auto_error=False)
+
+    def identity(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Identity:
+        return verifier.verify(credentials.credentials if credentials else None)
+
+    def operator(who: Annotated[Identity, Depends(identity)]) -> Identity:
+        return TokenVerifier.require(who, "operator")
+
+    Viewer = Annotated[Identity, Depends(identity)]
+    Operator = Annotated[Identity, Depends(operator)]
+    _install_handlers(app)
+    v1 = APIRouter(prefix="/api/v1")
+
+    @v1.get("/health", tags=["service"])
+    def health() -> dict[str, str]:
+        """Liveness: the process answers (no token needed, nothing read)."""
+        return {"status": "ok", "version": __version__}
+
+    @v1.get("/ready", tags=["service"])
+    def ready() -> JSONResponse:
+        """Readiness: the run store answers (no token needed)."""
+        try:
+            store.list_runs(limit=1)
+        except StoreError as err:
+            return JSONResponse({"status": "unavailable", "detail": str(err)}, status_code=503)
+        return JSONResponse({"status": "ready", "store": masked_url(store.url)})
+
+    @v1.get("/whoami", tags=["service"])
+    def whoami(who: Viewer) -> dict[str, Any]:
+        """The caller's subject, role and token expiry."""
+        return {"subject": who.subject, "role": who.role, "expires_at": who.expires_at}
+
+    @v1.get("/runs", tags=["runs"])
+    def runs(who: Viewer, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
+        """Runs, newest first."""
+        return views.runs(limit)
+
+    @v1.get("/runs/{run_id}", tags=["runs"])
+    def run(run_id: RunId, who: Viewer) -> dict[str, Any]:
+        """One run with its configuration."""
+        return views.run(run_id)
+
+    @v1.get("/runs/{run_id}/rounds", tags=["runs"])
+    def rounds(run_id: RunId, who: Viewer) -> dict[str, Any]:
+        """The rounds the run's model descends from, with their metrics."""
+        return views.rounds(run_id)
+
+    @v1.get("/runs/{run_id}/clients", tags=["runs"])
+    def clients(run_id: RunId, who: Viewer) -> dict[str, Any]:
+        """Every client: status, reputation, anomaly score, epsilon against budget, refusals."""
+        return views.clients(run_id)
+
+    @v1.get("/runs/{run_id}/privacy", tags=["privacy"])
+    def privacy(run_id: RunId, who: Viewer) -> dict[str, Any]:
+        """Per-client and central/distributed epsilon over rounds; budget exhaustion."""
+        return views.privacy(run_id)
+
+    @v1.get("/runs/{run_id}/events", tags=["runs"])
+    def events(
+        run_id: RunId, who: Viewer,
+        after: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+    ) -> dict[str, Any]:
+        """Events after id ``after`` (the latest ``limit`` when 0)."""
+        return views.events(run_id, after, limit)
+
+    @v1.get("/runs/{run_id}/audit", tags=["audit"])
+    def audit(run_id: RunId, who: Viewer) -> dict[str, Any]:
+        """The audit chain checked against the head the store recorded (and the pinned key, if the server has one)."""
+        return views.audit(run_id, audit_public_key)
+
+    @v1.get("/runs/{run_id}/report", tags=["audit"])
+    def report(run_id: RunId, who: Viewer) -> dict[str, Any]:
+        """The compliance report: threat model, privacy spent per client, participants, refusals, audit."""
+        return _report(run_id)
+
+    @v1.get("/runs/{run_id}/report.html", tags=["audit"], response_class=HTMLResponse)
+    def report_html(run_id: RunId, who: Viewer) -> HTMLResponse:
+        """The compliance report as a printable page."""
+        from fedapp.api.compliance import render_html
+
+        return HTMLResponse(render_html(_report(run_id)))
+
+    def _report(run_id: str) -> dict[str, Any]:
+        from fedapp.api.compliance import build_report
+
+        def compute() -> dict[str, Any]:
+            export = store.export(run_id)
+            actions = [asdict(a) for a in store.actions(run_id)]
+            return build_report(export, audit=views.audit(run_id, audit_public_key), actions=actions)
+
+        return views.cache.get(("report", run_id), compute)
+
+    @v1.get("/runs/{run_id}/actions", tags=["actions"])
+    def actions(run_id: RunId, who: Viewer) -> dict[str, Any]:
+        """Operators' requests and what the ServerApp made of them."""
+        return {"run_id": run_id, "actions": [asdict(a) for a in store.actions(run_id)]}
+
+    @v1.get("/runs/{run_id}/actions/{action_id}", tags=["actions"])
+    async def action(
+        run_id: RunId, action_id: ActionId, who: Viewer,
+        wait_s: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0.0,
+    ) -> dict[str, Any]:
+        """One request; waits up to ``wait_s`` seconds for the ServerApp to settle it."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            found = await run_in_threadpool(store.get_action, run_id, action_id)
+            if found is None:
+                raise UnknownRunError(f"no action {action_id} of run {run_id!r}")
+            if found.status != "pending" or time.monotonic() >= deadline:
+                return asdict(found)
+            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    @v1.post("/runs/{run_id}/actions", tags=["actions"], status_code=202)
+    def request_action(run_id: RunId, body: ActionRequest, who: Operator) -> dict[str, Any]:
+        """Queue a request; the ServerApp applies it at the next round boundary (409 with the reason when it cannot)."""
+        params = action_params(body.action, client=body.client, rule=body.rule, clients_per_round=body.clients_per_round)
+        record = store.get_run(run_id)
+        if record.status != "running":
+            raise _Conflict(f"run {run_id} is {record.status}; actions apply only to a running run")
+        cfg = run_config(record)
+        if cfg is None:
+            raise _Conflict(f"run {run_id} was started by another fedapp version whose configuration this one cannot read")
+        applied = [(a.action, a.params) for a in store.actions(run_id, status="applied")]
+        why = refusal(cfg, settings_after(cfg, applied), body.action, params)
+        if why is None and body.action == "block":
+            known = {c["client"] for c in views.clients(run_id)["clients"]}
+            if params["client"] not in known and not str(params["client"]).startswith("node-"):
+                why = f"client {params['client']} has not taken part in run {run_id}"
+        if why is not None:
+            raise _Conflict(why)
+        queued = store.add_action(ActionRecord(
+            run_id=run_id, action=body.action, params=params, requested_by=who.subject,
+            requested_at=time.time(), reason=body.reason,
+        ))
+        LOGGER.info("%s (%s) requested %s %s on run %s", who.subject, who.role, body.action, params, run_id)
+        return asdict(queued)
+
+    app.include_router(v1)
+
+    @app.get("/metrics", tags=["service"], response_class=Response)
+    def metrics(who: Viewer) -> Response:
+        """Prometheus text format: round, accuracy, loss, clients sampled/refused/quarantined, epsilon, round time."""
+        from fedapp.api.prometheus import render_metrics
+
+        body, content_type = views.cache.get("metrics", lambda: render_metrics(store))
+        return Response(body, media_type=content_type)
+
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+    return app
+
+
+class _Conflict(Exception):
+    """The request is well formed but the run cannot take it now (409, with the reason)."""
+
+
+def _install_handlers(app: FastAPI) -> None:
+    """Map fedapp's errors to status codes, bound request bodies, and set security headers on every answer."""
+
+    @app.exception_handler(AuthError)
+    async def auth_error(_: Request, err: AuthError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return JSONResponse({"detail": err.detail}, status_code=err.status, headers=headers)
+
+    @app.exception_handler(UnknownRunError)
+    async def unknown(_: Request, err: UnknownRunError) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=404)
+
+    @app.exception_handler(StoreError)
+    async def store_error(_: Request, err: StoreError) -> JSONResponse:
+        # a run that ended between the check and the insert is a conflict; the rest is the store being away
+        status = 409 if "actions apply only to a running run" in str(err) else 503
+        return JSONResponse({"detail": str(err)}, status_code=status)
+
+    @app.exception_handler(ActionError)
+    async def bad_action(_: Request, err: ActionError) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=422)
+
+    @app.exception_handler(_Conflict)
+    async def conflict(_: Request, err: _Conflict) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=409)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        problems = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in err.errors()]
+        return JSONResponse({"detail": "; ".join(problems)[:1000]}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        LOGGER.exception("unexpected error answering %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error (see the server's log)"}, status_code=500)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return JSONResponse({"detail": f"request body larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
+        response: Response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault("Cache-Control", "no-store")
+        if not request.url.path.startswith(("/docs", "/redoc")):  # Swagger UI loads its own assets
+            response.headers.setdefault("Content-Security-Policy", _CSP)
+            response.headers.setdefault("X-Frame-Options", "DENY")
+        return response
