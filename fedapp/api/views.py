@@ -169,7 +169,8 @@ class RunViews:
         run = RunRecord(**data["run"])
         budget = epsilon_budget(run_config(run))
         rounds = [RoundRecord(**r) for r in data["rounds"]]
-        updates = lineage_updates([ClientUpdateRecord(**u) for u in data["updates"]], rounds)
+        every = [ClientUpdateRecord(**u) for u in data["updates"]]
+        updates = lineage_updates(every, rounds)
         clients: dict[str, dict[str, Any]] = {}
 
         def entry(label: str) -> dict[str, Any]:
@@ -187,11 +188,13 @@ class RunViews:
             for key, value in (("reputation", u.reputation), ("anomaly_score", u.anomaly_score)):
                 if finite(value) is not None:
                     c[key] = finite(value)
-            if finite(u.epsilon) is not None:
-                c["epsilon"] = max(c["epsilon"] or 0.0, finite(u.epsilon) or 0.0)  # ledgers are cumulative
             if u.status in _REFUSED:
                 c["refusal_count"] += 1
                 c["refusals"].append({"round": u.round, "status": u.status, "reason": u.reason})
+        for u in every:  # spent is spent: an abandoned attempt's rounds were trained (ledgers are cumulative)
+            if finite(u.epsilon) is not None:
+                c = entry(u.client)
+                c["epsilon"] = max(c["epsilon"] or 0.0, finite(u.epsilon) or 0.0)
         for e in data["events"]:
             label = e["fields"].get("client")
             kind = e["kind"]
@@ -243,7 +246,7 @@ class RunViews:
             for e in data["events"]
             if e["kind"] == "client_excluded" and e["fields"].get("reason_code") == "privacy_budget"
         ]
-        top = [points[-1]["epsilon"] for points in per_client.values() if points]
+        top = [e for e in (finite(u["epsilon"]) for u in data["updates"]) if e is not None]  # every attempt's spend
         return {
             "run_id": run_id, "delta": _delta(cfg), "epsilon_budget": epsilon_budget(cfg),
             "clients": {k: per_client[k] for k in sorted(per_client, key=_label_key)},
