@@ -203,7 +203,8 @@ class RunViews:
                 if action in ("block", "unblock") and params.get("client"):
                     c = entry(str(params["client"]))
                     c["status"] = "blocked" if action == "block" else "active"
-                    c["status_reason"] = e["reason"]
+                    why = e["fields"].get("operator_reason")
+                    c["status_reason"] = f"{e['reason']} (by {e['fields'].get('requested_by')}{': ' + why if why else ''})"
                 continue
             if label is None:
                 continue
