@@ -309,6 +309,9 @@ def serve(
     audit_public_key: Optional[Path] = typer.Option(
         None, "--audit-public-key", help="the operator's audit_ed25519.pub: audit status then checks the signature"),
     log_level: str = typer.Option("info", "--log-level"),
+    docs: bool = typer.Option(True, "--docs/--no-docs", help="the OpenAPI page at /docs (Swagger UI from its CDN)"),
+    insecure_http: bool = typer.Option(
+        False, "--insecure-http", help="allow plain HTTP on a non-loopback address (tokens would cross in clear)"),
 ) -> None:
     """Serve the control plane: JSON API (/api/v1, OpenAPI at /docs), dashboard at /, Prometheus at /metrics."""
     from fedapp.api.server import serve as run_server
@@ -320,15 +323,17 @@ def serve(
         if path is not None and not path.is_file():
             fail(f"no such file: {path}")
     if host not in ("127.0.0.1", "::1", "localhost") and certfile is None:
-        typer.echo(f"fedapp: warning: serving plain HTTP on {host}: tokens cross the network in clear text; "
-                   "pass --certfile/--keyfile", err=True)
+        if not insecure_http:
+            fail(f"refusing plain HTTP on {host}: bearer tokens would cross the network in clear text; pass "
+                 "--certfile/--keyfile (or --insecure-http behind a TLS-terminating proxy)")
+        typer.echo(f"fedapp: warning: serving plain HTTP on {host} (--insecure-http)", err=True)
     db = _open_store(store, create=True)
     url = db.url
     db.close()
     try:
         key = load_public_key(audit_public_key) if audit_public_key else None
         run_server(resolve_store_url(store), host=host, port=port, secret_path=secret_file, certfile=certfile,
-                   keyfile=keyfile, audit_public_key=key, log_level=log_level)
+                   keyfile=keyfile, audit_public_key=key, log_level=log_level, docs=docs)
     except (OSError, ValueError) as err:
         fail(f"cannot serve the store {url}: {err}")
 

@@ -54,7 +54,7 @@ class RunRecorder:
         """Mark the start of a round's training phase (for wall time per round)."""
         self._round_started.setdefault(server_round, time.perf_counter())
 
-    def record(self, server_round: int, **metrics: Any) -> None:
+    def record(self, server_round: int, /, **metrics: Any) -> None:
         """Merge ``metrics`` into the row of ``server_round`` and rewrite the tables."""
         row = self.rows.setdefault(server_round, {"round": server_round})
         row.update({k: _plain(v) for k, v in metrics.items()})
@@ -63,15 +63,19 @@ class RunRecorder:
             row["round_time_s"] = round(time.perf_counter() - started, 3)
         self._write_tables()
 
-    def client(self, server_round: int, client: str, **fields: Any) -> None:
-        """Append what one client reported in one round."""
+    def client(self, server_round: int, client: str, /, **fields: Any) -> None:
+        """Append what one client reported in one round.
+
+        Positional-only parameters: a client's metric may be called ``self`` or
+        ``server_round`` (it chooses its own keys) without clashing with them.
+        """
         self._append("clients.jsonl", {"round": server_round, "client": client, **fields}, line="client")
 
-    def score(self, server_round: int, client: str, **fields: Any) -> None:
+    def score(self, server_round: int, client: str, /, **fields: Any) -> None:
         """Append how the server scored one client's update in one round."""
         self._append("scores.jsonl", {"round": server_round, "client": client, **fields}, line="score")
 
-    def event(self, kind: str, server_round: int, reason: str, **fields: Any) -> None:
+    def event(self, kind: str, server_round: int, reason: str, /, **fields: Any) -> None:
         """Append one decision with the reason it was taken (and tell the listeners)."""
         record = {"time": time.time(), "round": server_round, "kind": kind, "reason": reason, **fields}
         self._append("events.jsonl", record, line="event")

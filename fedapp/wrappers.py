@@ -116,24 +116,63 @@ def client_label(proxy: ClientProxy, res: FitRes | EvaluateRes | None = None) ->
 
 
 class MetricsRecording(StrategyWrapper):
-    """Record round metrics, per-client reports and failures; log one line per round."""
+    """Record round metrics, per-client reports and failures; log one line per round.
+
+    It is also where a client's claimed label is bound to its node, before any
+    other wrapper reads it: a label belongs to the first node that presents it,
+    for the whole run. Another live node that claims it is recorded as
+    ``node-<id>`` (its claim dropped, a ``label_conflict`` event says so), so no
+    node can write into another client's record (its epsilon, its refusals) or
+    draw an operator's block meant for another. A label whose node is gone
+    (a restarted SuperNode, a resumed run) passes to the node that presents it next.
+    """
+
+    optional_state = True  # a checkpoint from before label binding loads with no bindings
 
     def __init__(self, strategy: Strategy, recorder: RunRecorder, rounds: "FitRound | None" = None) -> None:
         super().__init__(strategy)
         self.recorder = recorder
         self.rounds = rounds  # the fit step's accounting: the round line names what became of every client
         self._global: NDArrays = []
+        self.label_owner: dict[str, str] = {}  # claimed label -> node id (ClientProxy.cid)
+        self._live: set[str] = set()
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         self.recorder.round_started(server_round)
         self._global = parameters_to_ndarrays(parameters)
+        self._live = set(client_manager.all())
         return super().configure_fit(server_round, parameters, client_manager)
+
+    def bind_labels(self, server_round: int, results: FitResults) -> None:
+        """Drop the label claim of every reply whose label another live node holds (see the class docstring)."""
+        live = self._live | {str(proxy.cid) for proxy, _ in results}
+        for proxy, res in results:
+            claimed = res.metrics.get(CLIENT_ID_KEY)
+            if claimed is None or not LABEL.match(str(claimed)):
+                continue
+            label, node = str(claimed), str(proxy.cid)
+            owner = self.label_owner.get(label)
+            if owner is None or (owner != node and self._live and owner not in live):
+                self.label_owner[label] = node
+            elif owner != node:
+                del res.metrics[CLIENT_ID_KEY]
+                reason = f"node {node} claimed label {label!r}, which node {owner} holds; recorded as node-{node}"
+                log(WARNING, "Round %s: %s", server_round, reason)
+                self.recorder.event("label_conflict", server_round, reason, client=f"node-{node}", node_id=node,
+                                    claimed=label)
+
+    def state_dict(self) -> dict[str, object]:
+        return {"label_owner": dict(self.label_owner)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.label_owner = {str(k): str(v) for k, v in state.get("label_owner", {}).items()}  # type: ignore[union-attr]
 
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: Failures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self.bind_labels(server_round, results)
         # Replies arrive in completion order; aggregating them in client order makes the
         # floating-point sum, hence the model, the same in every run with the same seed
         # (what a resumed run is checked against).

@@ -51,6 +51,7 @@ def no_process_left() -> list[str]:
     return mine
 
 
+@pytest.mark.heavy  # the TLS run below covers the same processes (one round, both nodes, every log)
 def test_two_supernodes_train_two_rounds(tmp_path: Path) -> None:
     # Prepare
     cfg = tiny_experiment(tmp_path / "run")
@@ -110,6 +111,9 @@ def test_tls_and_node_auth_run_completes(tmp_path: Path) -> None:
     assert "Uvicorn running on https://" in superlink_log
     assert "authentication is disabled" not in superlink_log
     assert (out / "logs" / "register.log").read_text().count("registered successfully") == 2
+    assert {c["partition_id"] for c in read_jsonl(out / "clients.jsonl") if c["round"] == 1} == {0, 1}
+    for name in ("superlink", "supernode-0", "supernode-1", "flwr-run"):
+        assert (out / "logs" / f"{name}.log").stat().st_size > 0
     assert no_process_left() == []
 
 

@@ -15,8 +15,12 @@ traceback goes to the server's log only).
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations (local aliases) at definition.
 import asyncio
+import contextlib
+import dataclasses
+import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -35,16 +39,22 @@ from fedapp.api.views import RunViews, run_config
 from fedapp.control.actions import ACTION_KINDS, ActionError, action_params, refusal, settings_after
 from fedapp.store.db import RunStore, StoreError, UnknownRunError
 from fedapp.store.records import ActionRecord
-from fedapp.store.settings import masked_url
 
 LOGGER = logging.getLogger("fedapp.api")
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 64 * 1024
 MAX_WAIT_S = 60.0
+MAX_WAITS_PER_TOKEN = 4
+IDENTITY = "fedapp.identity"  # where the guard leaves the checked identity in the request's state
+# Answered without a token: liveness and readiness, the dashboard's files (they hold no data) and the schema.
+OPEN_PATHS = frozenset({"/", "/api/v1/health", "/api/v1/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
 RunId = Annotated[str, PathParam(min_length=1, max_length=255, pattern=r"^[\w.:-]+$")]
 ActionId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 _CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
         "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+_DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+             "style-src 'self' https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
+             "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'")
 
 
 class ActionRequest(BaseModel):
@@ -65,18 +75,28 @@ def create_app(
     *,
     audit_public_key: Any = None,
     cache_s: float = 1.0,
+    docs: bool = True,
 ) -> FastAPI:
-    """The application over ``store``; tokens are checked by ``verifier``."""
+    """The application over ``store``; tokens are checked by ``verifier``.
+
+    ``docs`` serves the OpenAPI page at ``/docs`` (Swagger UI, whose script and
+    style come from cdn.jsdelivr.net); ``/openapi.json`` is always served.
+    """
     assert len(ACTION_KINDS) == len(ActionRequest.model_fields["action"].annotation.__args__)  # type: ignore[union-attr]
     views = RunViews(store, cache_s=cache_s)
     app = FastAPI(
         title="fedapp control plane", version=__version__,
         description="Runs, rounds, clients, privacy, audit and operators' actions of fedapp's run store.",
+        docs_url="/docs" if docs else None, redoc_url=None,
     )
     bearer = HTTPBearer(auto_error=False)
+    waits = _WaitLimit(MAX_WAITS_PER_TOKEN)
 
-    def identity(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Identity:
-        return verifier.verify(credentials.credentials if credentials else None)
+    def identity(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    ) -> Identity:
+        checked = request.scope.get("state", {}).get(IDENTITY)  # the guard checked it before reading the body
+        return checked if checked is not None else verifier.verify(credentials.credentials if credentials else None)
 
     def operator(who: Annotated[Identity, Depends(identity)]) -> Identity:
         return TokenVerifier.require(who, "operator")
@@ -96,9 +116,10 @@ def create_app(
         """Readiness: the run store answers (no token needed)."""
         try:
             store.list_runs(limit=1)
-        except StoreError as err:
-            return JSONResponse({"status": "unavailable", "detail": str(err)}, status_code=503)
-        return JSONResponse({"status": "ready", "store": masked_url(store.url)})
+        except StoreError as err:  # the detail names the store: for the server's log, not an anonymous caller
+            LOGGER.warning("not ready: %s", err)
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     @v1.get("/whoami", tags=["service"])
     def whoami(who: Viewer) -> dict[str, Any]:
@@ -172,18 +193,25 @@ def create_app(
 
     @v1.get("/runs/{run_id}/actions/{action_id}", tags=["actions"])
     async def action(
-        run_id: RunId, action_id: ActionId, who: Viewer,
-        wait_s: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0.0,
+        request: Request, run_id: RunId, action_id: ActionId, who: Viewer,
+        wait_s: Annotated[float, Query(ge=0, le=MAX_WAIT_S, allow_inf_nan=False)] = 0.0,
     ) -> dict[str, Any]:
-        """One request; waits up to ``wait_s`` seconds for the ServerApp to settle it."""
+        """One request; waits up to ``wait_s`` seconds for the ServerApp to settle it.
+
+        At most :data:`MAX_WAITS_PER_TOKEN` waits per token at a time (429 beyond), and
+        the token is checked again on every poll, so a revoked token's wait ends at once.
+        """
         deadline = time.monotonic() + wait_s
-        while True:
-            found = await run_in_threadpool(store.get_action, run_id, action_id)
-            if found is None:
-                raise UnknownRunError(f"no action {action_id} of run {run_id!r}")
-            if found.status != "pending" or time.monotonic() >= deadline:
-                return asdict(found)
-            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        token = request.headers.get("authorization", "").partition(" ")[2]
+        async with waits.slot(who.token_id if wait_s > 0 else None):
+            while True:
+                found = await run_in_threadpool(store.get_action, run_id, action_id)
+                if found is None:
+                    raise UnknownRunError(f"no action {action_id} of run {run_id!r}")
+                if found.status != "pending" or time.monotonic() >= deadline:
+                    return asdict(found)
+                await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+                await run_in_threadpool(verifier.verify, token)
 
     @v1.post("/runs/{run_id}/actions", tags=["actions"], status_code=202)
     def request_action(run_id: RunId, body: ActionRequest, who: Operator) -> dict[str, Any]:
@@ -201,16 +229,22 @@ def create_app(
             known = {c["client"] for c in views.clients(run_id)["clients"]}
             if params["client"] not in known and not str(params["client"]).startswith("node-"):
                 why = f"client {params['client']} has not taken part in run {run_id}"
-        if why is not None:
-            raise _Conflict(why)
-        queued = store.add_action(ActionRecord(
-            run_id=run_id, action=body.action, params=params, requested_by=who.subject,
+        request = ActionRecord(
+            run_id=run_id, action=body.action, params=params, requested_by=who.subject, token_id=who.token_id,
             requested_at=time.time(), reason=body.reason,
-        ))
-        LOGGER.info("%s (%s) requested %s %s on run %s", who.subject, who.role, body.action, params, run_id)
+        )
+        if why is not None:  # on record too: an attempt to weaken a run's protection leaves a trace
+            store.add_action(dataclasses.replace(request, status="refused", applied_at=time.time(), result=why))
+            LOGGER.warning("refused %s (%s, token %s): %s %s on run %s: %s", who.subject, who.role, who.token_id,
+                           body.action, params, run_id, why)
+            raise _Conflict(why)
+        queued = store.add_action(request)
+        LOGGER.info("%s (%s, token %s) requested %s %s on run %s", who.subject, who.role, who.token_id, body.action,
+                    params, run_id)
         return asdict(queued)
 
     app.include_router(v1)
+    app.add_middleware(_Guard, verifier=verifier)
 
     @app.get("/metrics", tags=["service"], response_class=Response)
     def metrics(who: Viewer) -> Response:
@@ -242,13 +276,18 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UnknownRunError)
     async def unknown(_: Request, err: UnknownRunError) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, status_code=404)
+        return JSONResponse({"detail": str(err).split(" in the store at ")[0]}, status_code=404)  # not where the store is
 
     @app.exception_handler(StoreError)
-    async def store_error(_: Request, err: StoreError) -> JSONResponse:
-        # a run that ended between the check and the insert is a conflict; the rest is the store being away
-        status = 409 if "actions apply only to a running run" in str(err) else 503
-        return JSONResponse({"detail": str(err)}, status_code=status)
+    async def store_error(request: Request, err: StoreError) -> JSONResponse:
+        if "actions apply only to a running run" in str(err):  # the run ended between the check and the insert
+            return JSONResponse({"detail": str(err)}, status_code=409)
+        LOGGER.warning("run store error answering %s %s: %s", request.method, request.url.path, err)
+        return JSONResponse({"detail": "the run store is unavailable; try again"}, status_code=503)
+
+    @app.exception_handler(_TooManyWaits)
+    async def too_many_waits(_: Request, err: _TooManyWaits) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=429, headers={"Retry-After": "5"})
 
     @app.exception_handler(ActionError)
     async def bad_action(_: Request, err: ActionError) -> JSONResponse:
@@ -270,14 +309,96 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return JSONResponse({"detail": f"request body larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
         response: Response = await call_next(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         response.headers.setdefault("Cache-Control", "no-store")
-        if not request.url.path.startswith(("/docs", "/redoc")):  # Swagger UI loads its own assets
-            response.headers.setdefault("Content-Security-Policy", _CSP)
-            response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        docs = request.url.path.startswith("/docs")  # Swagger UI's script and style come from its CDN
+        response.headers.setdefault("Content-Security-Policy", _DOCS_CSP if docs else _CSP)
         return response
+
+
+class _TooManyWaits(Exception):
+    """A token already holds its share of long-polls (429)."""
+
+
+class _WaitLimit:
+    """At most ``per_token`` concurrent long-polls per token, so one caller cannot tie up the server's polling."""
+
+    def __init__(self, per_token: int) -> None:
+        self.per_token = per_token
+        self._held: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, token_id: str | None) -> AsyncIterator[None]:
+        if token_id is None:  # no wait, no slot
+            yield
+            return
+        if self._held.get(token_id, 0) >= self.per_token:  # one event loop: no lock needed between check and add
+            raise _TooManyWaits(f"at most {self.per_token} waiting requests per token; retry without wait_s or later")
+        self._held[token_id] = self._held.get(token_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._held[token_id] -= 1
+            if not self._held[token_id]:
+                del self._held[token_id]
+
+
+class _Guard:
+    """ASGI middleware: the token is checked, then the body read (at most :data:`MAX_BODY_BYTES`), before any route.
+
+    Why not only FastAPI dependencies: FastAPI reads and parses a request's body
+    before it solves the route's dependencies, so without this an anonymous
+    caller could make the server buffer an unbounded (chunked) body, and a
+    malformed body would be answered 422 before the missing token 401.
+    """
+
+    def __init__(self, app: Any, verifier: TokenVerifier) -> None:
+        self.app, self.verifier = app, verifier
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if path not in OPEN_PATHS and not path.startswith("/static/"):
+            headers = dict(scope["headers"])
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            try:
+                who = await run_in_threadpool(self.verifier.verify, token if scheme.lower() == "bearer" else None)
+            except AuthError as err:
+                extra = [(b"www-authenticate", b"Bearer")] if err.status == 401 else []
+                await _send_json(send, err.status, {"detail": err.detail}, extra)
+                return
+            scope.setdefault("state", {})[IDENTITY] = who
+        body = bytearray()
+        more = scope["method"] in ("POST", "PUT", "PATCH", "DELETE")
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > MAX_BODY_BYTES:
+                await _send_json(send, 413, {"detail": f"request body larger than {MAX_BODY_BYTES} bytes"})
+                return
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _send_json(send: Any, status: int, payload: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
+    data = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+        (b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"), *headers]})
+    await send({"type": "http.response.body", "body": data})

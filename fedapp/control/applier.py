@@ -111,6 +111,7 @@ class RunControl(StrategyWrapper):
         self.cfg, self.store, self.run_id, self.recorder, self.poll_s = cfg, store, run_id, recorder, poll_s
         self.settings = Settings(rule=cfg.strategy.name)
         self.blocked: dict[str, Exclusion] = {}  # node id -> the operator's block
+        self.displaced: dict[str, Exclusion] = {}  # node id -> the exclusion a block replaced (restored on unblock)
         self.nodes_of: dict[str, set[str]] = {}  # client label -> node ids that presented it
         self.stop_requested: dict[str, Any] | None = None
         self.paused = False
@@ -135,9 +136,10 @@ class RunControl(StrategyWrapper):
     def aggregate_fit(
         self, server_round: int, results: FitResults, failures: Failures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        for proxy, res in results:
+        aggregated = super().aggregate_fit(server_round, results, failures)
+        for proxy, res in results:  # after the recording wrapper bound labels to nodes (a borrowed label is dropped)
             self.nodes_of.setdefault(client_label(proxy, res), set()).add(str(proxy.cid))
-        return super().aggregate_fit(server_round, results, failures)
+        return aggregated
 
     # -------------------------------------------------------------- boundary
     def at_boundary(self, server_round: int) -> None:
@@ -236,23 +238,56 @@ class RunControl(StrategyWrapper):
                 f"blocking client {client} would leave {samplable} samplable client(s), fewer than "
                 f"strategy.min_fit_clients={self.cfg.strategy.min_fit_clients}"
             ), None
+        dp = self._dp_sampling()
+        if live and dp is not None and self._sample_size(samplable) < dp[1]:
+            return "refused", (
+                f"blocking client {client} would leave {samplable} samplable client(s), so rounds of "
+                f"{self._sample_size(samplable)} instead of the {dp[1]} that {dp[0]} is calibrated and accounted for "
+                "(its noise would be too small and its epsilon understated)"
+            ), None
         reason = f"blocked by {action.requested_by}" + (f": {action.reason}" if action.reason else "")
         for node in new:
             entry = Exclusion(node, client, server_round, BLOCK_CODE, reason)
             self.blocked[node] = entry
-            self.excluded.remove(node)  # an operator's block outranks (and outlives) another exclusion
+            displaced = self.excluded.remove(node)  # an operator's block outranks (and outlives) another exclusion...
+            if displaced is not None:
+                self.displaced[node] = displaced  # ...which comes back when the block is lifted
             self.excluded.add(entry)
         return "applied", f"client {client} blocked from round {server_round + 1}", server_round + 1
+
+    def _sample_size(self, available: int) -> int:
+        """How many clients the rule in force samples from ``available`` (FedAvg's formula, or the operator's cap)."""
+        k = self.settings.clients_per_round
+        if k is not None:
+            return min(k, available)
+        s = self.cfg.strategy
+        return min(available, max(int(available * s.fraction_fit), s.min_fit_clients))
+
+    def _dp_sampling(self) -> tuple[str, int] | None:
+        """``(mechanism, clients per round)`` when a server-side DP accountant assumes a fixed sample size."""
+        cfg = self.cfg
+        if not (cfg.privacy.central.enabled or cfg.secagg.noise_sigma_total > 0):
+            return None
+        n = cfg.partition.num_clients
+        per_round = min(n, max(cfg.strategy.min_fit_clients, int(n * cfg.strategy.fraction_fit)))
+        return ("central DP" if cfg.privacy.central.enabled else "distributed DP"), per_round
 
     def _unblock(self, client: str, nxt: int) -> tuple[str, str, int | None]:
         nodes = [n for n, e in self.blocked.items() if e.client == client]
         if not nodes:
             return "refused", f"client {client} is not blocked", None
+        restored = []
         for node in nodes:
             del self.blocked[node]
-            current = self.excluded.node_of(client)
-            if current is not None and any(e.reason_code == BLOCK_CODE for e in self.excluded.entries() if e.node_id == current):
-                self.excluded.remove(current)
+            current = next((e for e in self.excluded.entries() if e.client == client and e.reason_code == BLOCK_CODE), None)
+            if current is not None:
+                self.excluded.remove(current.node_id)
+            displaced = self.displaced.pop(node, None)
+            if displaced is not None:  # quarantined or out of budget before the block: still so
+                self.excluded.add(dataclasses.replace(displaced, node_id=current.node_id if current else node))
+                restored.append(f"{displaced.reason_code}: {displaced.reason}")
+        if restored:
+            return "applied", f"client {client} unblocked; still excluded ({'; '.join(restored)})", nxt
         return "applied", f"client {client} may be sampled again from round {nxt}", nxt
 
     def _nodes(self, client: str) -> set[str]:
@@ -289,9 +324,11 @@ class RunControl(StrategyWrapper):
         """Operators' blocks and the labels nodes presented (node ids are re-bound by label after a restart)."""
         return {
             "blocked": [dataclasses.asdict(e) for e in self.blocked.values()],
+            "displaced": [dataclasses.asdict(e) for e in self.displaced.values()],
             "nodes_of": {label: sorted(nodes) for label, nodes in self.nodes_of.items()},
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.blocked = {e["node_id"]: Exclusion(**e) for e in state.get("blocked", [])}  # type: ignore[union-attr]
+        self.displaced = {e["node_id"]: Exclusion(**e) for e in state.get("displaced", [])}  # type: ignore[union-attr]
         self.nodes_of = {str(k): set(v) for k, v in state.get("nodes_of", {}).items()}  # type: ignore[union-attr]

@@ -48,7 +48,9 @@ class RunFailed(RuntimeError):
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # what is left of other escapes (OSC, ...) after _ANSI
-LABEL = re.compile(r"^[\w.-]{1,40}$")  # what a client may call itself in logs, events and progress lines
+# What a client may call itself in logs, events and progress lines: ASCII only and nothing after it
+# (``$`` would accept "3\n"; ``\w`` a full-width "３"), so no label can pass for another.
+LABEL = re.compile(r"[A-Za-z0-9_.-]{1,40}\Z")
 
 
 def clean_text(text: str) -> str:

@@ -258,13 +258,15 @@ class RunStore:
             raise ValueError(f"finish_run status must be one of {', '.join(ended)}, not {status!r}")
 
         def work(conn: Connection) -> None:
-            self._attempt_of(conn, run_id)
-            conn.execute(
-                RUNS.update()
-                .where(RUNS.c.run_id == run_id)
-                .values(status=status, ended_at=time.time(), error=error)
-            )
+            self._attempt_of(conn, run_id, lock=True)
+            now = time.time()
+            conn.execute(RUNS.update().where(RUNS.c.run_id == run_id).values(status=status, ended_at=now, error=error))
             self._set_audit(conn, run_id, audit_head, audit_seq)
+            conn.execute(  # no boundary will come to apply what is still queued (add_action holds the same row lock)
+                ACTIONS.update()
+                .where(ACTIONS.c.run_id == run_id, ACTIONS.c.status == "pending")
+                .values(status="refused", applied_at=now, result=f"the run ended ({status}) before the next round boundary")
+            )
 
         self._write(f"finish run {run_id!r}", work)
 
@@ -273,16 +275,18 @@ class RunStore:
     def add_action(self, action: ActionRecord) -> ActionRecord:
         """Queue an operator's request for a run that is still running; the stored record (with its id).
 
-        Refused (:class:`StoreError`) for a run that has ended: nothing would
-        ever apply it. Raises even with ``best_effort``: the operator is waiting
-        for the answer.
+        A pending request for a run that has ended is refused (:class:`StoreError`):
+        nothing would ever apply it. A request the API refused at once is recorded
+        as ``refused`` (with its ``result``) so every attempt is on record. Raises
+        even with ``best_effort``: the operator is waiting for the answer.
         """
-        if action.status != "pending" or action.id is not None:
-            raise ValueError("a new action is pending and has no id yet")
+        if action.status not in ("pending", "refused") or action.id is not None:
+            raise ValueError("a new action is pending (or refused at once) and has no id yet")
 
         def work(conn: Connection) -> ActionRecord:
+            self._attempt_of(conn, action.run_id, lock=True)  # finish_run cannot end the run between check and insert
             run = self._run(conn, action.run_id)
-            if run.status != "running":
+            if action.status == "pending" and run.status != "running":
                 raise StoreError(f"run {action.run_id!r} is {run.status}; actions apply only to a running run")
             values = {k: v for k, v in asdict(action).items() if k != "id"}
             new_id = conn.execute(ACTIONS.insert().values(**values)).inserted_primary_key[0]

@@ -130,8 +130,9 @@ class EventRecord:
 class ActionRecord:
     """An operator's request to a running run, and what the ServerApp made of it.
 
-    The API writes it ``pending``; the ServerApp applies or refuses it at the next
-    round boundary and fills in the outcome: ``boundary_round`` is the round
+    The API writes it ``pending`` (or ``refused`` at once, with the reason, when the
+    run's configuration cannot honour it: an attempt is on record either way); the
+    ServerApp applies or refuses it at the next round boundary and fills in the outcome: ``boundary_round`` is the round
     after which it was applied, ``effective_round`` the first round that runs
     under it (None for a stop, after which no round runs).
     """
@@ -142,6 +143,7 @@ class ActionRecord:
     requested_by: str
     requested_at: float
     reason: str = ""
+    token_id: str = ""  # which token asked (its id, never the token): a revoked token's requests can be found
     status: str = "pending"
     boundary_round: int | None = None
     effective_round: int | None = None

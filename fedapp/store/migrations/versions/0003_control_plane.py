@@ -32,6 +32,7 @@ def upgrade() -> None:
         sa.Column("params", sa.JSON, nullable=False),
         sa.Column("reason", sa.Text, nullable=False, server_default=""),
         sa.Column("requested_by", sa.String(255), nullable=False),
+        sa.Column("token_id", sa.String(64), nullable=False, server_default=""),
         sa.Column("requested_at", sa.Float, nullable=False),
         sa.Column("status", sa.String(16), nullable=False, server_default="pending"),
         sa.Column("boundary_round", sa.Integer),
