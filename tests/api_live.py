@@ -33,8 +33,8 @@ class LiveAPI:
                  audit_public_key: Any = None) -> None:
         self.store = RunStore(store_url, retries=2)
         self.secret = load_secret(secret_file, create=True)
-        self.app = create_app(self.store, TokenVerifier(self.store, self.secret), cache_s=cache_s,
-                              audit_public_key=audit_public_key)
+        self.verifier = TokenVerifier(self.store, self.secret)  # the production setting (re-check after 1 s)
+        self.app = create_app(self.store, self.verifier, cache_s=cache_s, audit_public_key=audit_public_key)
         self.port = free_port()
         scheme = "https" if ssl else "http"
         self.url = f"{scheme}://127.0.0.1:{self.port}"

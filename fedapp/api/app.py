@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedapp import __version__
 from fedapp.api.auth import AuthError, Identity, TokenVerifier
-from fedapp.api.views import RunViews, run_config
+from fedapp.api.views import RunViews, json_bytes, run_config
 from fedapp.control.actions import ACTION_KINDS, ActionError, action_params, refusal, settings_after
 from fedapp.store.db import RunStore, StoreError, UnknownRunError
 from fedapp.store.records import ActionRecord
@@ -52,9 +52,13 @@ RunId = Annotated[str, PathParam(min_length=1, max_length=255, pattern=r"^[\w.:-
 ActionId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 _CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
         "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+_BASE_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                 (b"cache-control", b"no-store"), (b"x-frame-options", b"DENY"))
 _DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
              "style-src 'self' https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
              "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'")
+_HEADERS = (*_BASE_HEADERS, (b"content-security-policy", _CSP.encode()))
+_DOCS_HEADERS = (*_BASE_HEADERS, (b"content-security-policy", _DOCS_CSP.encode()))  # Swagger UI comes from its CDN
 
 
 class ActionRequest(BaseModel):
@@ -92,14 +96,28 @@ def create_app(
     bearer = HTTPBearer(auto_error=False)
     waits = _WaitLimit(MAX_WAITS_PER_TOKEN)
 
-    def identity(
+    # async: a plain ``def`` dependency would cost every request a hop to the thread pool
+    async def identity(
         request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
     ) -> Identity:
         checked = request.scope.get("state", {}).get(IDENTITY)  # the guard checked it before reading the body
-        return checked if checked is not None else verifier.verify(credentials.credentials if credentials else None)
+        if checked is not None:
+            return checked  # type: ignore[no-any-return]
+        return await run_in_threadpool(verifier.verify, credentials.credentials if credentials else None)
 
-    def operator(who: Annotated[Identity, Depends(identity)]) -> Identity:
+    async def operator(who: Annotated[Identity, Depends(identity)]) -> Identity:
         return TokenVerifier.require(who, "operator")
+
+    async def cached_json(key: Any, compute: Any) -> Response:
+        """The read model's JSON bytes, from the cache on the event loop; computed in the thread pool on a miss.
+
+        Serialising once per cache period (not per request, and without FastAPI's
+        generic encoder) is what keeps fifty pollers cheap for the training run.
+        """
+        body = views.cache.peek(("json", key))
+        if body is None:
+            body = await run_in_threadpool(views.cache.get, ("json", key), lambda: json_bytes(compute()))
+        return Response(body, media_type="application/json")
 
     Viewer = Annotated[Identity, Depends(identity)]
     Operator = Annotated[Identity, Depends(operator)]
@@ -127,29 +145,29 @@ def create_app(
         return {"subject": who.subject, "role": who.role, "expires_at": who.expires_at}
 
     @v1.get("/runs", tags=["runs"])
-    def runs(who: Viewer, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
-        """Runs, newest first."""
-        return views.runs(limit)
+    async def runs(who: Viewer, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> Response:
+        """Runs, newest first: ``{"runs": [RunSummary]}``."""
+        return await cached_json(("runs", limit), lambda: views.runs(limit))
 
     @v1.get("/runs/{run_id}", tags=["runs"])
-    def run(run_id: RunId, who: Viewer) -> dict[str, Any]:
-        """One run with its configuration."""
-        return views.run(run_id)
+    async def run(run_id: RunId, who: Viewer) -> Response:
+        """One run with its configuration: ``RunSummary`` plus ``config``."""
+        return await cached_json(("run", run_id), lambda: views.run(run_id))
 
     @v1.get("/runs/{run_id}/rounds", tags=["runs"])
-    def rounds(run_id: RunId, who: Viewer) -> dict[str, Any]:
+    async def rounds(run_id: RunId, who: Viewer) -> Response:
         """The rounds the run's model descends from, with their metrics."""
-        return views.rounds(run_id)
+        return await cached_json(("rounds", run_id), lambda: views.rounds(run_id))
 
     @v1.get("/runs/{run_id}/clients", tags=["runs"])
-    def clients(run_id: RunId, who: Viewer) -> dict[str, Any]:
+    async def clients(run_id: RunId, who: Viewer) -> Response:
         """Every client: status, reputation, anomaly score, epsilon against budget, refusals."""
-        return views.clients(run_id)
+        return await cached_json(("clients", run_id), lambda: views.clients(run_id))
 
     @v1.get("/runs/{run_id}/privacy", tags=["privacy"])
-    def privacy(run_id: RunId, who: Viewer) -> dict[str, Any]:
+    async def privacy(run_id: RunId, who: Viewer) -> Response:
         """Per-client and central/distributed epsilon over rounds; budget exhaustion."""
-        return views.privacy(run_id)
+        return await cached_json(("privacy", run_id), lambda: views.privacy(run_id))
 
     @v1.get("/runs/{run_id}/events", tags=["runs"])
     def events(
@@ -267,7 +285,7 @@ class _Conflict(Exception):
 
 
 def _install_handlers(app: FastAPI) -> None:
-    """Map fedapp's errors to status codes, bound request bodies, and set security headers on every answer."""
+    """Map fedapp's errors to status codes (the guard bounds bodies and sets the security headers)."""
 
     @app.exception_handler(AuthError)
     async def auth_error(_: Request, err: AuthError) -> JSONResponse:
@@ -307,16 +325,6 @@ def _install_handlers(app: FastAPI) -> None:
         LOGGER.exception("unexpected error answering %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal error (see the server's log)"}, status_code=500)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        response.headers.setdefault("Cache-Control", "no-store")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        docs = request.url.path.startswith("/docs")  # Swagger UI's script and style come from its CDN
-        response.headers.setdefault("Content-Security-Policy", _DOCS_CSP if docs else _CSP)
-        return response
 
 
 class _TooManyWaits(Exception):
@@ -363,14 +371,23 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
+        security = _DOCS_HEADERS if path.startswith("/docs") else _HEADERS
+
+        async def send_secured(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []), *((k, v) for k, v in security if k not in present)]
+            await send(message)
+
         if path not in OPEN_PATHS and not path.startswith("/static/"):
             headers = dict(scope["headers"])
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            try:
-                who = await run_in_threadpool(self.verifier.verify, token if scheme.lower() == "bearer" else None)
+            token = token if scheme.lower() == "bearer" else ""
+            try:  # a token checked less than a second ago needs no thread and no store lookup
+                who = self.verifier.remembered(token) or await run_in_threadpool(self.verifier.verify, token)
             except AuthError as err:
                 extra = [(b"www-authenticate", b"Bearer")] if err.status == 401 else []
-                await _send_json(send, err.status, {"detail": err.detail}, extra)
+                await _send_json(send_secured, err.status, {"detail": err.detail}, extra)
                 return
             scope.setdefault("state", {})[IDENTITY] = who
         body = bytearray()
@@ -382,7 +399,7 @@ class _Guard:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > MAX_BODY_BYTES:
-                await _send_json(send, 413, {"detail": f"request body larger than {MAX_BODY_BYTES} bytes"})
+                await _send_json(send_secured, 413, {"detail": f"request body larger than {MAX_BODY_BYTES} bytes"})
                 return
         replayed = False
 
@@ -393,12 +410,11 @@ class _Guard:
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        await self.app(scope, replay, send_secured)
 
 
 async def _send_json(send: Any, status: int, payload: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
     data = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-        (b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"), *headers]})
+        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers]})
     await send({"type": "http.response.body", "body": data})

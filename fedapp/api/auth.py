@@ -121,15 +121,42 @@ def token_id_of(token: str) -> str:
 
 
 class TokenVerifier:
-    """Checks a bearer token: signature, issuer, audience, expiry, then its store record (not revoked)."""
+    """Checks a bearer token: signature, issuer, audience, expiry, then its store record (not revoked).
 
-    def __init__(self, store: RunStore, secret: bytes, *, leeway_s: float = 0.0) -> None:
+    A token that passed is remembered for ``recheck_s`` seconds (never past its
+    expiry), so fifty dashboards polling every second do not cost fifty store
+    lookups a second: a revocation takes effect within ``recheck_s``.
+    """
+
+    def __init__(self, store: RunStore, secret: bytes, *, leeway_s: float = 0.0, recheck_s: float = 1.0,
+                 max_remembered: int = 4096) -> None:
         self.store, self._secret, self.leeway_s = store, secret, leeway_s
+        self.recheck_s, self.max_remembered = recheck_s, max_remembered
+        self._passed: dict[str, tuple[float, Identity]] = {}  # token -> (recheck at, identity)
 
     def __repr__(self) -> str:  # never the secret
         return f"TokenVerifier({self.store!r})"
 
+    def remembered(self, token: str | None) -> Identity | None:
+        """The identity of a token that passed less than ``recheck_s`` ago and has not expired, else None."""
+        hit = self._passed.get(token or "")
+        now = time.time()
+        if hit is None or hit[0] <= time.monotonic() or hit[1].expires_at <= now:
+            return None
+        return hit[1]
+
     def verify(self, token: str | None) -> Identity:
+        known = self.remembered(token)
+        if known is not None:
+            return known
+        identity = self._check(token)
+        if self.recheck_s > 0:
+            if len(self._passed) >= self.max_remembered:
+                self._passed.clear()
+            self._passed[token or ""] = (time.monotonic() + self.recheck_s, identity)
+        return identity
+
+    def _check(self, token: str | None) -> Identity:
         if not token:
             raise AuthError(401, "missing bearer token")
         try:

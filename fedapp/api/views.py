@@ -10,6 +10,7 @@ operator must see their own request, and a revocation must bite at once.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -42,6 +43,11 @@ class TTLCache:
         self._values: dict[Any, tuple[float, Any]] = {}
         self._lock = threading.Lock()
 
+    def peek(self, key: Any) -> Any:
+        """The fresh value under ``key``, or None (never computes: safe on the event loop)."""
+        hit = self._values.get(key)
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
     def get(self, key: Any, compute: Callable[[], _T]) -> _T:
         now = time.monotonic()
         with self._lock:
@@ -56,6 +62,16 @@ class TTLCache:
                     self._values.clear()
             self._values[key] = (now + self.ttl_s, value)
         return value
+
+
+def json_bytes(value: Any) -> bytes:
+    """Compact JSON; a non-finite float that slipped through becomes the store's string for it, never invalid JSON."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        from fedapp.store.schema import _json_safe
+
+        return json.dumps(_json_safe(value), separators=(",", ":"), allow_nan=False).encode()
 
 
 def finite(value: Any) -> float | None:
