@@ -276,6 +276,8 @@ BAD_REQUESTS: list[tuple[str, str, Any]] = [
     ("POST", "/api/v1/runs/live-1/actions", {"action": "set_clients_per_round", "clients_per_round": -3}),
     ("POST", "/api/v1/runs/live-1/actions", {"action": "set_clients_per_round", "clients_per_round": "many"}),
     ("POST", "/api/v1/runs/live-1/actions", {"action": "set_clients_per_round", "clients_per_round": 1e300}),
+    ("POST", "/api/v1/runs/live-1/actions", {"action": "set_clients_per_round", "clients_per_round": True}),
+    ("POST", "/api/v1/runs/live-1/actions", {"action": "set_clients_per_round", "clients_per_round": "3"}),
     ("POST", "/api/v1/runs/live-1/actions", {"action": "pause", "extra": True}),
     ("POST", "/api/v1/runs/live-1/actions", {"action": "pause", "reason": "x" * 10_000}),
     ("POST", "/api/v1/runs/live-1/actions", [1, 2, 3]),

@@ -69,7 +69,7 @@ class ActionRequest(BaseModel):
     action: Literal["block", "unblock", "set_rule", "set_clients_per_round", "pause", "resume", "stop"]
     client: str | None = Field(default=None, min_length=1, max_length=40, description="a client label, e.g. 3 or node-123")
     rule: str | None = Field(default=None, max_length=32, description="fedavg, krum, multikrum, trimmedmean, median")
-    clients_per_round: int | None = Field(default=None, ge=1, le=1_000_000)
+    clients_per_round: int | None = Field(default=None, ge=1, le=1_000_000, strict=True)  # JSON true is not 1
     reason: str = Field(default="", max_length=500, description="why, for the audit log")
 
 

@@ -4,8 +4,9 @@ Reads go through a short-lived cache (:class:`TTLCache`). Why: fifty dashboards
 polling every second would otherwise run the same queries fifty times a second
 on the database the training run commits to, and a run's record only changes at
 round boundaries (tens of seconds apart); one second of staleness is invisible on
-a page that refreshes every two. Actions and tokens are never cached: an
-operator must see their own request, and a revocation must bite at once.
+a page that refreshes every two. Actions are never cached (an operator must see
+their own request); tokens are re-checked against the store after one second
+(:class:`fedapp.api.auth.TokenVerifier`).
 """
 
 from __future__ import annotations
