@@ -118,19 +118,14 @@ class NotExcluded(Criterion):
         return client.cid not in self.excluded and (self.inner is None or self.inner.select(client))
 
 
-class ExcludingClientManager(ClientManager):
-    """A view of ``manager`` in which excluded clients are neither counted nor sampled.
+class ClientManagerView(ClientManager):
+    """Delegates everything to ``manager``; a view overrides what it changes (who counts, how many are sampled)."""
 
-    ``num_available`` shrinks too, so FedAvg's ``fraction_fit`` and minimums apply to
-    the clients that may still train.
-    """
-
-    def __init__(self, manager: ClientManager, excluded: ExclusionList) -> None:
+    def __init__(self, manager: ClientManager) -> None:
         self.manager = manager
-        self.excluded = excluded
 
     def num_available(self) -> int:
-        return sum(1 for cid in self.manager.all() if cid not in self.excluded)
+        return self.manager.num_available()
 
     def register(self, client: ClientProxy) -> bool:
         return self.manager.register(client)
@@ -140,6 +135,29 @@ class ExcludingClientManager(ClientManager):
 
     def all(self) -> dict[str, ClientProxy]:
         return self.manager.all()
+
+    def wait_for(self, num_clients: int, timeout: int) -> bool:
+        return self.manager.wait_for(num_clients, timeout)
+
+    def sample(
+        self, num_clients: int, min_num_clients: int | None = None, criterion: Criterion | None = None
+    ) -> list[ClientProxy]:
+        return self.manager.sample(num_clients, min_num_clients, criterion)
+
+
+class ExcludingClientManager(ClientManagerView):
+    """A view of ``manager`` in which excluded clients are neither counted nor sampled.
+
+    ``num_available`` shrinks too, so FedAvg's ``fraction_fit`` and minimums apply to
+    the clients that may still train.
+    """
+
+    def __init__(self, manager: ClientManager, excluded: ExclusionList) -> None:
+        super().__init__(manager)
+        self.excluded = excluded
+
+    def num_available(self) -> int:
+        return sum(1 for cid in self.manager.all() if cid not in self.excluded)
 
     def wait_for(self, num_clients: int, timeout: int) -> bool:
         return self.manager.wait_for(num_clients + len(self.excluded), timeout)

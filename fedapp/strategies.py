@@ -60,11 +60,12 @@ BASE_STRATEGIES: dict[str, Callable[[ExperimentConfig, dict[str, Any]], Strategy
 
 def _multikrum_default_m(cfg: ExperimentConfig) -> int:
     """m = n - f, the largest selection Multi-Krum's guarantee allows."""
-    return max(1, _clients_per_round(cfg) - cfg.strategy.num_malicious)
+    return max(1, clients_per_round(cfg) - cfg.strategy.num_malicious)
 
 
-def _clients_per_round(cfg: ExperimentConfig) -> int:
-    n = cfg.partition.num_clients
+def clients_per_round(cfg: ExperimentConfig, available: int | None = None) -> int:
+    """How many clients FedAvg's sampling asks for out of ``available`` (default: all ``partition.num_clients``)."""
+    n = cfg.partition.num_clients if available is None else available
     return max(cfg.strategy.min_fit_clients, int(n * cfg.strategy.fraction_fit))
 
 
@@ -73,7 +74,7 @@ def check_strategy_config(cfg: ExperimentConfig) -> None:
     s = cfg.strategy
     if s.name not in BASE_STRATEGIES:
         raise ConfigError(f"unknown strategy {s.name!r}; valid: {sorted(BASE_STRATEGIES)}")
-    per_round = _clients_per_round(cfg)
+    per_round = clients_per_round(cfg)
     if s.name in ("krum", "multikrum") and per_round <= 2 * s.num_malicious + 2:
         raise ConfigError(
             f"{s.name} tolerates f Byzantine clients only with n > 2f + 2 clients per round; "
@@ -175,7 +176,7 @@ def build_strategy(
             strategy,
             noise_multiplier=central.noise_multiplier,
             clipping_norm=central.clipping_norm,
-            num_sampled_clients=min(_clients_per_round(cfg), cfg.partition.num_clients),
+            num_sampled_clients=min(clients_per_round(cfg), cfg.partition.num_clients),
             num_clients=cfg.partition.num_clients,
             delta=central.delta,
             recorder=recorder,
@@ -276,7 +277,7 @@ def _distributed_dp(cfg: ExperimentConfig, strategy: Strategy, recorder: RunReco
         noise_sigma_total=sa.noise_sigma_total,
         clip_norm=sa.clip_norm,
         calibrated_for=n,
-        num_sampled_clients=min(_clients_per_round(cfg), n),
+        num_sampled_clients=min(clients_per_round(cfg), n),
         num_clients=n,
         delta=sa.noise_delta,
         recorder=recorder,

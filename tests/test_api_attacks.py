@@ -46,20 +46,12 @@ from fedapp.store.durable import DurableRun
 from fedapp.store.records import ActionRecord, ClientUpdateRecord, EventRecord
 from fedapp.wrappers import MetricsRecording, client_label
 from tests.api_live import LiveAPI
-from tests.test_api import _round, _run, populate
+from tests.test_api import _round, _run, api, populate  # noqa: F401 - api: the per-test server fixture
 
 STATIC = Path(__file__).resolve().parents[1] / "fedapp" / "api" / "static"
 
 
 # ---- servers ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture()
-def api(tmp_path: Path) -> LiveAPI:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    populate(url, tmp_path)
-    with LiveAPI(url, tmp_path / "secret") as live:
-        yield live
 
 
 @pytest.fixture(scope="module")

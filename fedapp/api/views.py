@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from fedapp.config import ConfigError, ExperimentConfig
 from fedapp.control.actions import Settings, settings_after
 from fedapp.store.db import RunStore, effective_rounds
+from fedapp.strategies import clients_per_round
 from fedapp.store.records import ActionRecord, ClientUpdateRecord, RoundRecord, RunRecord
 
 _T = TypeVar("_T")
@@ -311,8 +312,7 @@ def _clients_per_round(cfg: ExperimentConfig | None, settings: Settings) -> int 
         return None
     if settings.clients_per_round is not None:
         return settings.clients_per_round
-    n = cfg.partition.num_clients
-    return min(n, max(cfg.strategy.min_fit_clients, int(n * cfg.strategy.fraction_fit)))
+    return min(cfg.partition.num_clients, clients_per_round(cfg))
 
 
 def _delta(cfg: ExperimentConfig | None) -> float | None:

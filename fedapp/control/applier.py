@@ -32,12 +32,12 @@ from flwr.server.strategy import FedAvg, Strategy
 
 from fedapp.config import ExperimentConfig
 from fedapp.control.actions import BLOCK_CODE, Settings, refusal
-from fedapp.exclusion import ClientExclusion, Exclusion, ExclusionList
+from fedapp.exclusion import ClientExclusion, ClientManagerView, Exclusion, ExclusionList
 from fedapp.metrics import RunRecorder
 from fedapp.store.db import RunStore
 from fedapp.store.records import ActionRecord
 from fedapp.store.state import strategy_chain
-from fedapp.strategies import BASE_STRATEGIES
+from fedapp.strategies import BASE_STRATEGIES, clients_per_round
 from fedapp.wrappers import Failures, FitResults, StrategyWrapper, client_label
 
 # FedAvg's constructor arguments a switched-in rule takes over from the rule it replaces.
@@ -48,7 +48,7 @@ _CARRIED = (
 )
 
 
-class CappedSampling(ClientManager):
+class CappedSampling(ClientManagerView):
     """A view of ``manager`` that samples exactly ``k`` clients (fewer when fewer may be sampled).
 
     Flower's ``sample`` refuses outright when asked for more clients than pass the
@@ -56,22 +56,8 @@ class CappedSampling(ClientManager):
     """
 
     def __init__(self, manager: ClientManager, k: int) -> None:
-        self.manager, self.k = manager, k
-
-    def num_available(self) -> int:
-        return self.manager.num_available()
-
-    def register(self, client: ClientProxy) -> bool:
-        return self.manager.register(client)
-
-    def unregister(self, client: ClientProxy) -> None:
-        self.manager.unregister(client)
-
-    def all(self) -> dict[str, ClientProxy]:
-        return self.manager.all()
-
-    def wait_for(self, num_clients: int, timeout: int) -> bool:
-        return self.manager.wait_for(num_clients, timeout)
+        super().__init__(manager)
+        self.k = k
 
     def sample(
         self, num_clients: int, min_num_clients: int | None = None, criterion: Criterion | None = None
@@ -165,13 +151,6 @@ class RunControl(StrategyWrapper):
                 on_settled()
         log(INFO, "Run %s after round %s", "stopping" if self.stop_requested else "resumed", server_round)
 
-    def close(self, why: str) -> None:
-        """Refuse what is still pending when the run ends: no boundary will come to apply it."""
-        last = self.store.get_run(self.run_id).last_round
-        for action in self.store.actions(self.run_id, status="pending"):
-            assert action.id is not None
-            self.store.settle_action(action.id, "refused", boundary_round=last, effective_round=None, result=why)
-
     def _settle(self, action: ActionRecord, server_round: int) -> None:
         try:
             outcome, result, effective = self._apply(action, server_round)
@@ -258,18 +237,14 @@ class RunControl(StrategyWrapper):
     def _sample_size(self, available: int) -> int:
         """How many clients the rule in force samples from ``available`` (FedAvg's formula, or the operator's cap)."""
         k = self.settings.clients_per_round
-        if k is not None:
-            return min(k, available)
-        s = self.cfg.strategy
-        return min(available, max(int(available * s.fraction_fit), s.min_fit_clients))
+        return min(available, k if k is not None else clients_per_round(self.cfg, available))
 
     def _dp_sampling(self) -> tuple[str, int] | None:
         """``(mechanism, clients per round)`` when a server-side DP accountant assumes a fixed sample size."""
         cfg = self.cfg
         if not (cfg.privacy.central.enabled or cfg.secagg.noise_sigma_total > 0):
             return None
-        n = cfg.partition.num_clients
-        per_round = min(n, max(cfg.strategy.min_fit_clients, int(n * cfg.strategy.fraction_fit)))
+        per_round = min(cfg.partition.num_clients, clients_per_round(cfg))
         return ("central DP" if cfg.privacy.central.enabled else "distributed DP"), per_round
 
     def _unblock(self, client: str, nxt: int) -> tuple[str, str, int | None]:

@@ -412,8 +412,6 @@ class DurableRun:
         """Record the end of the run (completed / failed) in the audit log and the store."""
         if status == "completed" and self.trained_rounds == 0:
             status, error = "failed", "no round aggregated any client update: the run trained nothing"
-        if self.control is not None:
-            self.control.close(f"the run ended ({status}) before the next round boundary")
         self.audit.append("run_end", None, status=status, error=error, trained_rounds=self.trained_rounds)
         self.audit.sign_head()
         overhead = EventRecord(
